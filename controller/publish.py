@@ -1,0 +1,205 @@
+"""Grants and transitions: publish new allocations without over-committing the pool.
+
+When the controller moves the fleet from one allocation to the next, the agents
+switch at different moments. Until an agent acknowledges the new epoch (its
+telemetry reports it) it may still be using its previous grant, so the pool it
+holds is the larger of the two. :class:`GrantLedger` keeps that conservative
+view per agent, and :func:`plan_transition` chooses what to publish now so that
+the sum of what agents may hold never exceeds a budget:
+
+- agents that shrink get their new amount at once (what they hold can only fall);
+- agents that grow get only the slack that is really free now, shared in
+  proportion to their growth; the rest follows in a later epoch, once shrinking
+  agents have acknowledged or their old grants have lapsed;
+- changes smaller than the hysteresis band are not published at all, so small
+  refits and exploration noise do not cause a storm of messages.
+
+Every allocation message carries ``expires``: the moment after which the agent
+must no longer use any earlier grant. An agent that has not acknowledged by
+then is counted at its new amount only; the edge client applies allocations as
+soon as it receives them, well before that.
+
+One case cannot be made safe by ordering: an operator who cuts a budget below
+what agents already hold. Shrinking allocations go out at once and the pool is
+over its new budget only until those agents acknowledge; :attr:`Transition.
+over_budget` reports it so the daemon can warn.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import numpy.typing as npt
+
+FloatArray = npt.NDArray[np.float64]
+
+# Relative margin kept free when slack is shared out, so that summing the
+# grants in a different order can never show a total above the budget.
+ROUNDING_MARGIN = 1e-9
+
+
+@dataclass
+class Grant:
+    """One allocation published to one agent."""
+
+    epoch: int
+    cloud: dict[str, float]
+    # After this moment the agent may no longer use grants older than this one.
+    supersedes_at: float
+
+
+@dataclass
+class AgentGrants:
+    """The grants one agent may still be using, oldest first."""
+
+    grants: list[Grant] = field(default_factory=list)
+    acknowledged_epoch: int | None = None
+
+    @property
+    def latest(self) -> Grant | None:
+        return self.grants[-1] if self.grants else None
+
+
+class GrantLedger:
+    """What every agent has been granted, and what it may still be holding."""
+
+    def __init__(self) -> None:
+        self._agents: dict[str, AgentGrants] = {}
+
+    def __contains__(self, agent: str) -> bool:
+        return agent in self._agents
+
+    def agents(self) -> list[str]:
+        return list(self._agents)
+
+    def latest(self, agent: str) -> Grant | None:
+        entry = self._agents.get(agent)
+        return entry.latest if entry else None
+
+    def acknowledged_epoch(self, agent: str) -> int | None:
+        entry = self._agents.get(agent)
+        return entry.acknowledged_epoch if entry else None
+
+    def grant(
+        self,
+        agent: str,
+        epoch: int,
+        cloud: dict[str, float],
+        now: float,
+        ack_timeout: float,
+    ) -> Grant:
+        """Record that ``cloud`` was published to ``agent`` under ``epoch``."""
+        new = Grant(epoch=epoch, cloud=dict(cloud), supersedes_at=now + ack_timeout)
+        self._agents.setdefault(agent, AgentGrants()).grants.append(new)
+        return new
+
+    def restore(self, agent: str, grant: Grant, acknowledged_epoch: int | None) -> None:
+        """Put back an agent's latest grant after a restart."""
+        self._agents[agent] = AgentGrants([grant], acknowledged_epoch)
+
+    def acknowledge(self, agent: str, epoch: int) -> bool:
+        """The agent reports using ``epoch``: forget its older grants.
+
+        Returns True when this released a grant (some pool may now be free).
+        """
+        entry = self._agents.get(agent)
+        if entry is None:
+            return False
+        if entry.acknowledged_epoch is None or epoch > entry.acknowledged_epoch:
+            entry.acknowledged_epoch = epoch
+        before = len(entry.grants)
+        entry.grants = [g for g in entry.grants if g.epoch >= epoch] or entry.grants[
+            -1:
+        ]
+        return len(entry.grants) < before
+
+    def expire(self, now: float) -> bool:
+        """Drop grants superseded by a newer one whose deadline has passed."""
+        released = False
+        for entry in self._agents.values():
+            keep_from = 0
+            for index, grant in enumerate(entry.grants):
+                if index > 0 and grant.supersedes_at <= now:
+                    keep_from = index
+            if keep_from:
+                entry.grants = entry.grants[keep_from:]
+                released = True
+        return released
+
+    def release(self, agent: str) -> bool:
+        """The agent is gone: it holds nothing any more."""
+        return self._agents.pop(agent, None) is not None
+
+    def held(self, agents: Sequence[str], resources: Sequence[str]) -> FloatArray:
+        """Per agent and resource, the most it may be using: the max of its grants."""
+        held = np.zeros((len(agents), len(resources)))
+        for row, agent in enumerate(agents):
+            entry = self._agents.get(agent)
+            for grant in entry.grants if entry else ():
+                for column, resource in enumerate(resources):
+                    amount = grant.cloud.get(resource, 0.0)
+                    held[row, column] = max(held[row, column], amount)
+        return held
+
+    def current(self, agents: Sequence[str], resources: Sequence[str]) -> FloatArray:
+        """Per agent and resource, the latest published amount (0 if none)."""
+        current = np.zeros((len(agents), len(resources)))
+        for row, agent in enumerate(agents):
+            latest = self.latest(agent)
+            if latest is not None:
+                current[row] = [latest.cloud.get(r, 0.0) for r in resources]
+        return current
+
+    def total_held(self, resources: Iterable[str]) -> dict[str, float]:
+        names = list(resources)
+        held = self.held(self.agents(), names)
+        return dict(zip(names, held.sum(axis=0).tolist(), strict=True))
+
+
+@dataclass(frozen=True)
+class Transition:
+    """What to publish now, and how far it still is from the target."""
+
+    cloud: FloatArray  # (N, R): the allocation every agent will hold after this step
+    publish: npt.NDArray[np.bool_]  # (N,): whose allocation changes now
+    complete: bool  # True when every agent got its target (within the band)
+    over_budget: FloatArray  # (R,): how far held amounts exceed the budget (>= 0)
+
+
+def plan_transition(
+    budget: FloatArray,
+    target: FloatArray,
+    held: FloatArray,
+    current: FloatArray,
+    *,
+    hysteresis: float,
+    new_agents: npt.NDArray[np.bool_] | None = None,
+) -> Transition:
+    """Choose the next allocation to publish on the way to ``target``.
+
+    ``held`` is what each agent may be using now (the ledger's view) and
+    ``current`` its latest published grant; ``target`` must be feasible.
+    Agents in ``new_agents`` have no grant yet and are always published.
+    """
+    count = max(target.shape[0], 1)
+    band = hysteresis * budget / count
+    fresh = np.zeros(target.shape[0], bool) if new_agents is None else new_agents
+
+    moves = fresh | np.any(np.abs(target - current) > band, axis=1)
+    wanted = np.where(moves[:, None], target, current)
+
+    growth = np.maximum(wanted - held, 0.0)
+    slack = np.maximum(budget - held.sum(axis=0), 0.0)
+    demand = growth.sum(axis=0)
+    share = np.divide(slack, demand, out=np.ones_like(slack), where=demand > slack)
+    # Stay strictly inside the budget despite rounding in the sums.
+    share = np.where(share < 1.0, share * (1.0 - ROUNDING_MARGIN), 1.0)
+    limited = np.where(wanted > held, held + share * growth, wanted)
+
+    publish = fresh | np.any(np.abs(limited - current) > band, axis=1)
+    cloud = np.where(publish[:, None], limited, current)
+    complete = not np.any(np.abs(cloud - target) > band)
+    after = np.maximum(held, cloud).sum(axis=0)
+    return Transition(cloud, publish, complete, np.maximum(after - budget, 0.0))
