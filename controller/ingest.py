@@ -18,7 +18,7 @@ the sender's ``rejected`` topic. Nothing here raises on bad input.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 from schemas import (
@@ -151,12 +151,16 @@ class Ingest:
         self.limiter.forget(agent)
 
     def handle(
-        self, topic: str, payload: bytes, now: float, granted: Mapping[str, float]
+        self,
+        topic: str,
+        payload: bytes,
+        now: float,
+        granted: Callable[[str], Mapping[str, float]],
     ) -> Event:
         """Check one message.
 
-        ``granted`` is the most cloud of each resource the sending agent may hold
-        now (empty for fleet topics): reports of using more are refused.
+        ``granted(agent)`` is the most cloud of each resource that agent may
+        hold now: reports of using more are refused.
         """
         try:
             name = parse_topic(topic)
@@ -192,7 +196,7 @@ class Ingest:
         kind: Kind,
         agent: str | None,
         message: Mapping[str, object],
-        granted: Mapping[str, float],
+        granted: Callable[[str], Mapping[str, float]],
     ) -> Event:
         if kind is Kind.BUDGET:
             alpha = message.get("alpha")
@@ -211,7 +215,7 @@ class Ingest:
         if kind is Kind.REJECTION:
             return Ignored(topic)
         report = telemetry_event(agent, message)
-        return self._check_telemetry(topic, report, granted)
+        return self._check_telemetry(topic, report, granted(agent))
 
     def _check_telemetry(
         self, topic: str, report: Telemetry, granted: Mapping[str, float]

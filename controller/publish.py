@@ -27,6 +27,7 @@ over_budget` reports it so the daemon can warn.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
@@ -95,9 +96,22 @@ class GrantLedger:
         self._agents.setdefault(agent, AgentGrants()).grants.append(new)
         return new
 
-    def restore(self, agent: str, grant: Grant, acknowledged_epoch: int | None) -> None:
-        """Put back an agent's latest grant after a restart."""
-        self._agents[agent] = AgentGrants([grant], acknowledged_epoch)
+    def restore(
+        self,
+        agent: str,
+        latest: Grant,
+        *,
+        held: dict[str, float],
+        acknowledged_epoch: int | None,
+    ) -> None:
+        """Put back an agent's latest grant after a restart.
+
+        ``held`` is the most the agent could hold when the state was saved
+        (its latest grant, or more while it was switching); it keeps counting
+        until ``latest.supersedes_at``, as an unacknowledged older grant would.
+        """
+        before = Grant(latest.epoch - 1, dict(held), supersedes_at=-math.inf)
+        self._agents[agent] = AgentGrants([before, latest], acknowledged_epoch)
 
     def acknowledge(self, agent: str, epoch: int) -> bool:
         """The agent reports using ``epoch``: forget its older grants.

@@ -18,7 +18,11 @@ from controller.ingest import (
 
 FLEET = "test"
 TOPIC = "fairsynergy/test/agents/robot-1/telemetry"
-GRANT = {"compute": 1.0}
+
+
+def GRANT(agent: str) -> dict[str, float]:  # noqa: N802 - used like a constant
+    """Every agent holds one unit of compute."""
+    return {"compute": 1.0}
 
 
 def make_ingest(rate_limit: float = 100.0, burst: float = 100.0) -> Ingest:
@@ -75,8 +79,8 @@ def test_ingest_rejects_foreign_topics_silently():
     """Topics outside the protocol or of another fleet are refused, not answered."""
     ingest = make_ingest()
 
-    unknown = ingest.handle("elsewhere/x", b"{}", 0.0, {})
-    other = ingest.handle("fairsynergy/other/budget", b"{}", 0.0, {})
+    unknown = ingest.handle("elsewhere/x", b"{}", 0.0, GRANT)
+    other = ingest.handle("fairsynergy/other/budget", b"{}", 0.0, GRANT)
 
     assert isinstance(unknown, Rejected)
     assert isinstance(other, Rejected)
@@ -114,7 +118,7 @@ def test_ingest_rate_limit_drops_excess_per_agent():
 
 def test_ingest_refuses_cloud_use_above_grant():
     """A report of more cloud than granted is refused, naming the resource."""
-    event = make_ingest().handle(TOPIC, report(1), 0.0, {"compute": 0.2})
+    event = make_ingest().handle(TOPIC, report(1), 0.0, lambda agent: {"compute": 0.2})
 
     assert isinstance(event, Rejected)
     assert (event.reason, event.field) == ("cloud_above_grant", "cloud.compute")
@@ -163,9 +167,9 @@ def test_ingest_reads_status_and_budget_and_ignores_own_output():
     budget = json.dumps({"v": 1, "resources": {"compute": 4}, "alpha": "inf"}).encode()
 
     events = [
-        ingest.handle("fairsynergy/test/agents/a/status", status, 0.0, {}),
-        ingest.handle("fairsynergy/test/budget", budget, 0.0, {}),
-        ingest.handle("fairsynergy/test/allocations", b"{}", 0.0, {}),
+        ingest.handle("fairsynergy/test/agents/a/status", status, 0.0, GRANT),
+        ingest.handle("fairsynergy/test/budget", budget, 0.0, GRANT),
+        ingest.handle("fairsynergy/test/allocations", b"{}", 0.0, GRANT),
     ]
 
     assert events[0] == AgentStatus("a", "offline", 5.0, None)

@@ -1,0 +1,706 @@
+"""The controller daemon: ingest, learn, allocate, publish and store, in a loop.
+
+Threads and ownership:
+
+- paho's network thread only puts ``(topic, payload, received_at)`` on the
+  inbox; it never touches the controller's state;
+- the loop thread (the caller of :meth:`Controller.run`) owns all state and
+  does everything else, one message at a time, so no state needs a lock;
+- the store's writer thread commits telemetry and learner states in batches.
+
+A reallocation (a *cycle*) runs when a trigger has been quiet for the
+debounce time: a budget or alpha change, an agent joining or leaving, a fit
+that moved enough to matter, an acknowledgement that frees pool for agents
+still waiting to grow, a grant that lapsed, the periodic tick, or a restart.
+"""
+
+from __future__ import annotations
+
+import math
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import paho.mqtt.client as paho
+from paho.mqtt.reasoncodes import ReasonCode
+
+import schemas
+from controller.allocate import capped_utility
+from controller.broker import BrokerOptions, connect, make_client, publish
+from controller.config import ControllerConfig
+from controller.explore import Explorer, problem_from_estimates
+from controller.ingest import (
+    AgentStatus,
+    Budget,
+    Event,
+    Ignored,
+    Ingest,
+    Rejected,
+    Telemetry,
+)
+from controller.learn import FleetLearner
+from controller.logs import excerpt
+from controller.metrics import ControllerMetrics
+from controller.publish import Grant, GrantLedger, plan_transition
+from controller.store import Store
+from schemas import Kind, Topics
+
+# Largest number of messages handled before the loop looks at its deadlines.
+BATCH = 500
+# Longest the loop sleeps when nothing is due, so shutdown stays prompt.
+IDLE_S = 0.25
+# A steady stream of triggers postpones a cycle by at most this many debounce
+# periods, so a busy fleet still gets reallocated.
+MAX_DEBOUNCE_PERIODS = 5
+# Weight floor for agents when weights follow load: an idle agent still counts.
+MIN_LOAD_WEIGHT = 0.05
+# Smoothing of reported load (exponential moving average per report).
+LOAD_SMOOTHING = 0.2
+INBOX_LIMIT = 200_000
+# Changed learner states are queued for the store this often: a crash loses
+# at most this much learning, and an agent that reports many times a second
+# costs one state write per interval, not one per report.
+STATE_SAVE_INTERVAL_S = 1.0
+
+
+@dataclass
+class AgentInfo:
+    """What the loop knows of one agent besides its learner and its grants."""
+
+    online: bool = True
+    offline_since: float | None = None
+    model: str | None = None
+    load: float | None = None
+    expected_accuracy: float | None = None
+    local: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class Triggers:
+    """Pending reasons to reallocate, debounced."""
+
+    debounce: float
+    reasons: set[str] = field(default_factory=set)
+    first_at: float = math.inf
+    last_at: float = -math.inf
+
+    def add(self, reason: str, now: float) -> None:
+        self.reasons.add(reason)
+        self.first_at = min(self.first_at, now)
+        self.last_at = now
+
+    def due_at(self) -> float:
+        if not self.reasons:
+            return math.inf
+        quiet = self.last_at + self.debounce
+        return min(quiet, self.first_at + MAX_DEBOUNCE_PERIODS * self.debounce)
+
+    def take(self) -> str:
+        reasons = ",".join(sorted(self.reasons))
+        self.reasons.clear()
+        self.first_at, self.last_at = math.inf, -math.inf
+        return reasons
+
+
+class Controller:
+    """One fleet's controller. Build it, then call :meth:`run` until stopped."""
+
+    def __init__(
+        self,
+        fleet: str,
+        store: Store,
+        broker: BrokerOptions,
+        config: ControllerConfig,
+        *,
+        logger: Any,
+        metrics: ControllerMetrics | None = None,
+        clock: Callable[[], float] = time.time,
+        seed: int | None = None,
+    ) -> None:
+        self.fleet = fleet
+        self.topics = Topics(fleet)
+        self.store = store
+        self.broker = broker
+        self.config = config
+        self.log = logger
+        self.metrics = metrics or ControllerMetrics()
+        self.clock = clock
+        self.rng = np.random.default_rng(seed)
+
+        self.ingest = Ingest(
+            fleet,
+            max_payload_bytes=config.max_payload_bytes,
+            rate_limit=config.rate_limit,
+            rate_burst=config.rate_burst,
+        )
+        self.explorer = Explorer(max_cost=config.exploration_cap)
+        self.ledger = GrantLedger()
+        self.triggers = Triggers(config.debounce)
+        self.agents: dict[str, AgentInfo] = {}
+        self.resources: tuple[str, ...] = ()
+        self.budget: dict[str, float] | None = None
+        self.alpha: float | None = None
+        self.learner = FleetLearner(self.resources)
+        self.epoch = 0
+        self.transition_complete = True
+        self.last_cycle_at = -math.inf
+        self.last_saved_at = -math.inf
+        # Agents whose learner changed since their state was last queued.
+        self.dirty: set[str] = set()
+        self.inbox: queue.Queue[tuple[str, bytes, float]] = queue.Queue(INBOX_LIMIT)
+        self.client: paho.Client | None = None
+
+    # -- lifecycle ---------------------------------------------------------
+
+    def run(self, stop: threading.Event) -> None:
+        """Restore state, connect, and loop until ``stop`` is set."""
+        self.restore()
+        self.client = self._connect()
+        self.log.info("controller_started", fleet=self.fleet, epoch=self.epoch)
+        self.triggers.add("restart", self.clock())
+        try:
+            while not stop.is_set():
+                self.step(self._wait_time())
+        finally:
+            self._shutdown()
+
+    def _connect(self) -> paho.Client:
+        client = make_client(self.broker, f"fairsynergy-controller-{self.fleet}")
+        status = schemas.encode(
+            Kind.CONTROLLER_STATUS, schemas.controller_status(state="offline")
+        )
+        client.will_set(self.topics.controller_status, status, qos=1, retain=True)
+        client.on_message = self._on_message
+        client.on_connect = self._on_connect
+        connect(client)
+        return client
+
+    def _on_connect(
+        self, client: paho.Client, _u: object, _f: object, code: ReasonCode, _p: object
+    ) -> None:
+        """(Re)subscribe and announce ourselves; runs on every (re)connect."""
+        if code.is_failure:
+            return
+        for kind in (Kind.TELEMETRY, Kind.AGENT_STATUS):
+            client.subscribe(self.topics.any_agent(kind), qos=1)
+        client.subscribe(self.topics.budget, qos=1)
+        birth = schemas.controller_status(state="online")
+        client.publish(
+            self.topics.controller_status,
+            schemas.encode(Kind.CONTROLLER_STATUS, birth),
+            qos=1,
+            retain=True,
+        )
+
+    def _on_message(
+        self, _c: paho.Client, _u: object, message: paho.MQTTMessage
+    ) -> None:
+        self.inbox.put((message.topic, bytes(message.payload), self.clock()))
+
+    def _shutdown(self) -> None:
+        client, self.client = self.client, None
+        if client is not None:
+            bye = schemas.controller_status(state="offline")
+            publish(
+                client,
+                self.topics.controller_status,
+                schemas.encode(Kind.CONTROLLER_STATUS, bye),
+                retain=True,
+                wait=2.0,
+            )
+            client.disconnect()
+            client.loop_stop()
+        self.save_learners()
+        self.store.close()
+        self.log.info("controller_stopped", fleet=self.fleet, epoch=self.epoch)
+
+    # -- the loop ----------------------------------------------------------
+
+    def _wait_time(self) -> float:
+        due = min(
+            self.triggers.due_at(),
+            self.last_cycle_at + self.config.reallocation_interval,
+        )
+        return min(IDLE_S, max(0.0, due - self.clock()))
+
+    def step(self, wait: float) -> None:
+        """Handle what arrived (waiting up to ``wait``), then run what is due."""
+        try:
+            first = (
+                self.inbox.get(timeout=wait) if wait > 0 else self.inbox.get_nowait()
+            )
+        except queue.Empty:
+            first = None
+        if first is not None:
+            self.receive(*first)
+            for _ in range(BATCH):
+                try:
+                    self.receive(*self.inbox.get_nowait())
+                except queue.Empty:
+                    break
+        self.housekeeping(self.clock())
+
+    def receive(self, topic: str, payload: bytes, now: float) -> None:
+        """Ingest one message. Never raises: a failure is logged and counted."""
+        try:
+            event = self.ingest.handle(topic, payload, now, self._granted)
+            self.metrics.received.labels(kind=_kind_label(event)).inc()
+            self.apply(event, now)
+        except Exception:
+            self.metrics.rejected.labels(kind="unknown", reason="internal").inc()
+            self.log.exception("message_failed", topic=topic, payload=excerpt(payload))
+
+    def _granted(self, agent: str) -> dict[str, float]:
+        held = self.ledger.held([agent], self.resources)[0]
+        return dict(zip(self.resources, held.tolist(), strict=True))
+
+    def apply(self, event: Event, now: float) -> None:
+        if isinstance(event, Telemetry):
+            self.on_telemetry(event, now)
+        elif isinstance(event, AgentStatus):
+            self.on_status(event, now)
+        elif isinstance(event, Budget):
+            self.on_budget(event, now)
+        elif isinstance(event, Rejected):
+            self.on_rejected(event)
+        else:
+            assert isinstance(event, Ignored)
+
+    # -- events ------------------------------------------------------------
+
+    def on_telemetry(self, report: Telemetry, now: float) -> None:
+        info = self._join(report.agent, report.model, now)
+        info.local = dict(report.local)
+        if report.load is not None:
+            info.load = _smooth(info.load, report.load)
+        self.store.record_telemetry(
+            report.agent,
+            report.seq,
+            report.ts,
+            report.accuracy,
+            report.local,
+            report.cloud,
+            report.epoch,
+            report.load,
+            report.model,
+        )
+        if self.resources:
+            self.learner.learn_one(
+                report.agent,
+                report.local,
+                report.cloud,
+                report.accuracy,
+                seq=report.seq,
+                model=report.model,
+            )
+            self.dirty.add(report.agent)
+            self._check_fit(report.agent, info, now)
+        if report.epoch is not None:
+            released = self.ledger.acknowledge(report.agent, report.epoch)
+            if released and not self.transition_complete:
+                self.triggers.add("ack", now)
+
+    def _check_fit(self, agent: str, info: AgentInfo, now: float) -> None:
+        latest = self.ledger.latest(agent)
+        if latest is None or info.expected_accuracy is None:
+            return
+        totals = {
+            r: info.local.get(r, 0.0) + latest.cloud.get(r, 0.0) for r in self.resources
+        }
+        predicted = self.learner[agent].predict_one(totals)
+        if abs(predicted - info.expected_accuracy) > self.config.fit_change:
+            self.triggers.add("fit", now)
+
+    def on_status(self, status: AgentStatus, now: float) -> None:
+        if status.state == "online":
+            self._join(status.agent, status.model, now)
+            return
+        info = self.agents.get(status.agent)
+        if info is not None and info.online:
+            info.online = False
+            info.offline_since = now
+            self.store.set_agent_state(status.agent, "offline")
+            self.log.info("agent_offline", agent=status.agent)
+
+    def _join(self, agent: str, model: str | None, now: float) -> AgentInfo:
+        info = self.agents.get(agent)
+        if info is None:
+            info = self.agents[agent] = AgentInfo(model=model)
+            self.triggers.add("join", now)
+            self.log.info("agent_joined", agent=agent, model=model)
+        elif not info.online:
+            info.online, info.offline_since = True, None
+            self.triggers.add("join", now)
+            self.log.info("agent_back", agent=agent)
+        if model is not None:
+            info.model = model
+        if self.resources and agent not in self.learner:
+            self.learner.add_agent(agent, model=model)
+        return info
+
+    def on_budget(self, budget: Budget, now: float) -> None:
+        self._set_budget(budget)
+        self.store.record_budget(self.budget or {}, self._alpha())
+        self.triggers.add("budget", now)
+        self.log.info(
+            "budget_changed",
+            budget=self.budget,
+            alpha=self._alpha(),
+        )
+
+    def _set_budget(self, budget: Budget) -> None:
+        resources = tuple(sorted(budget.resources))
+        if resources != self.resources:
+            self._change_resources(resources)
+        self.budget = {r: float(budget.resources[r]) for r in resources}
+        self.alpha = budget.alpha
+
+    def _change_resources(self, resources: tuple[str, ...]) -> None:
+        """A new set of resources is a new model: learning starts again."""
+        self.resources = resources
+        self.learner = FleetLearner(resources)
+        for agent, info in self.agents.items():
+            self.learner.add_agent(agent, model=info.model)
+
+    def on_rejected(self, rejected: Rejected) -> None:
+        self.metrics.rejected.labels(kind=rejected.kind, reason=rejected.reason).inc()
+        self.log.warning(
+            "message_rejected",
+            topic=rejected.topic,
+            agent=rejected.agent,
+            reason=rejected.reason,
+            field=rejected.field,
+            detail=rejected.detail[:200],
+        )
+        if not rejected.notify or self.client is None:
+            return
+        notice = schemas.rejection(
+            topic=rejected.topic,
+            reason=rejected.reason,
+            field=rejected.field[:256] if rejected.field else None,
+            seq=rejected.seq,
+            message=rejected.detail[:1024],
+        )
+        self.client.publish(
+            schemas.rejection_topic(rejected.topic),
+            schemas.encode(Kind.REJECTION, notice),
+            qos=1,
+        )
+
+    # -- deadlines ---------------------------------------------------------
+
+    def housekeeping(self, now: float) -> None:
+        """Lapse grants, release agents gone too long, and run a due cycle."""
+        if self.ledger.expire(now) and not self.transition_complete:
+            self.triggers.add("expiry", now)
+        for agent, info in list(self.agents.items()):
+            gone = info.offline_since is not None
+            if gone and now - info.offline_since >= self.config.offline_grace:  # type: ignore[operator]
+                self._leave(agent, now)
+        if now >= self.last_cycle_at + self.config.reallocation_interval:
+            self.triggers.add("tick", now)
+        if now >= self.last_saved_at + STATE_SAVE_INTERVAL_S:
+            self.save_learners()
+            self.last_saved_at = now
+        if now >= self.triggers.due_at():
+            trigger = self.triggers.take()
+            try:
+                self.cycle(trigger, now)
+            except Exception:
+                self.log.exception("cycle_failed", trigger=trigger, epoch=self.epoch)
+
+    def _leave(self, agent: str, now: float) -> None:
+        self.agents.pop(agent, None)
+        self.ledger.release(agent)
+        self.learner.remove_agent(agent)
+        self.ingest.forget(agent)
+        self.triggers.add("leave", now)
+        self.log.info("agent_left", agent=agent)
+        if self.client is not None:
+            # The retained allocation would otherwise greet the agent on its
+            # return with a grant it no longer has.
+            self.client.publish(
+                self.topics.for_agent(agent).allocation, b"", qos=1, retain=True
+            )
+
+    # -- allocation --------------------------------------------------------
+
+    def cycle(self, trigger: str, now: float) -> None:
+        """Solve, explore, plan the transition, record and publish a new epoch."""
+        self.last_cycle_at = now
+        active = [a for a, info in self.agents.items() if info.online]
+        if self.budget is None or not active or not self.resources:
+            return
+        started = time.perf_counter()
+        budget = self._available_budget(active)
+
+        estimates = self.learner.estimates(active)
+        weight = self._weights(active)
+        alpha = self._alpha()
+        problem = problem_from_estimates(
+            estimates, self.resources, budget, alpha=alpha, weight=weight
+        )
+        sample = problem_from_estimates(
+            self.learner.sample(self.rng, active),
+            self.resources,
+            budget,
+            alpha=alpha,
+            weight=weight,
+        )
+        solve_started = time.perf_counter()
+        exploration = self.explorer.allocate(
+            problem, sample, float(np.mean(estimates.uncertainty))
+        )
+        solve_seconds = time.perf_counter() - solve_started
+
+        held = self.ledger.held(active, self.resources)
+        current = self.ledger.current(active, self.resources)
+        fresh = np.array([a not in self.ledger for a in active])
+        step = plan_transition(
+            budget,
+            exploration.cloud,
+            held,
+            current,
+            hysteresis=self.config.hysteresis,
+            new_agents=fresh,
+        )
+        self.transition_complete = step.complete
+        if not step.publish.any() and "restart" not in trigger:
+            return
+
+        expected = capped_utility(problem, step.cloud)
+        prices = dict(
+            zip(self.resources, exploration.mean.prices.tolist(), strict=True)
+        )
+        self.epoch = self.store.next_epoch()
+        changed = [a for a, p in zip(active, step.publish.tolist(), strict=True) if p]
+        shares = self._record(
+            trigger, active, step.cloud, expected, changed, prices, now
+        )
+        self._publish(changed, shares, prices, now)
+        self._report(
+            trigger,
+            active,
+            changed,
+            expected,
+            exploration.share,
+            solve_seconds,
+            started,
+            step.over_budget,
+        )
+
+    def _available_budget(self, active: list[str]) -> np.ndarray:
+        """The budget minus what agents offline (but within grace) still hold."""
+        budget = self.budget or {}
+        total = np.array([budget[r] for r in self.resources], dtype=float)
+        present = set(active)
+        away = [a for a in self.ledger.agents() if a not in present]
+        reserved = self.ledger.held(away, self.resources).sum(axis=0)
+        available: np.ndarray = np.maximum(total - reserved, 0.0)
+        return available
+
+    def _weights(self, active: list[str]) -> np.ndarray | None:
+        if self.config.weights == "equal":
+            return None
+        loads = np.array([self.agents[a].load or 0.0 for a in active])
+        mean = loads.mean() if loads.any() else 1.0
+        return np.asarray(np.maximum(loads / mean, MIN_LOAD_WEIGHT), dtype=float)
+
+    def _alpha(self) -> float:
+        return self.config.alpha if self.alpha is None else self.alpha
+
+    def _record(
+        self,
+        trigger: str,
+        active: list[str],
+        cloud: np.ndarray,
+        expected: np.ndarray,
+        changed: list[str],
+        prices: dict[str, float],
+        now: float,
+    ) -> dict[str, dict[str, Any]]:
+        """Commit the epoch before anything about it is published."""
+        changed_set = set(changed)
+        shares: dict[str, dict[str, Any]] = {}
+        for row, agent in enumerate(active):
+            latest = self.ledger.latest(agent)
+            epoch = (
+                self.epoch if agent in changed_set or latest is None else latest.epoch
+            )
+            held = self.ledger.held([agent], self.resources)[0]
+            shares[agent] = {
+                "cloud": dict(zip(self.resources, cloud[row].tolist(), strict=True)),
+                "expected_accuracy": float(min(max(expected[row], 0.0), 1.0)),
+                "epoch": epoch,
+                "held": dict(
+                    zip(
+                        self.resources,
+                        np.maximum(held, cloud[row]).tolist(),
+                        strict=True,
+                    )
+                ),
+            }
+            self.agents[agent].expected_accuracy = shares[agent]["expected_accuracy"]
+        self.store.record_allocation(
+            self.epoch,
+            trigger=trigger,
+            alpha=self._alpha(),
+            budget=self.budget or {},
+            prices=prices,
+            agents=shares,
+            ts=now,
+        )
+        return shares
+
+    def _publish(
+        self,
+        changed: list[str],
+        shares: dict[str, dict[str, Any]],
+        prices: dict[str, float],
+        now: float,
+    ) -> None:
+        expires = now + self.config.ack_timeout
+        for agent in changed:
+            share = shares[agent]
+            message = schemas.allocation(
+                epoch=self.epoch,
+                cloud=share["cloud"],
+                expected_accuracy=share["expected_accuracy"],
+                prices=prices,
+                expires=expires,
+                ts=now,
+            )
+            self.ledger.grant(
+                agent, self.epoch, share["cloud"], now, self.config.ack_timeout
+            )
+            if self.client is not None:
+                self.client.publish(
+                    self.topics.for_agent(agent).allocation,
+                    schemas.encode(Kind.ALLOCATION, message),
+                    qos=1,
+                    retain=True,
+                )
+        summary = schemas.fleet_summary(
+            epoch=self.epoch,
+            alpha=self._alpha(),
+            budget=self.budget or {},
+            prices=prices,
+            agents={
+                a: {k: s[k] for k in ("cloud", "expected_accuracy", "epoch")}
+                for a, s in shares.items()
+            },
+            ts=now,
+        )
+        if self.client is not None:
+            self.client.publish(
+                self.topics.allocations,
+                schemas.encode(Kind.FLEET_SUMMARY, summary),
+                qos=1,
+                retain=True,
+            )
+        self.metrics.allocations_published.inc(len(changed))
+
+    def _report(
+        self,
+        trigger: str,
+        active: list[str],
+        changed: list[str],
+        expected: np.ndarray,
+        exploration: float,
+        solve_seconds: float,
+        started: float,
+        over_budget: np.ndarray,
+    ) -> None:
+        cycle_seconds = time.perf_counter() - started
+        mean, worst = float(expected.mean()), float(expected.min())
+        self.metrics.epoch.set(self.epoch)
+        self.metrics.solve_seconds.observe(solve_seconds)
+        self.metrics.cycle_seconds.observe(cycle_seconds)
+        self.metrics.expected_accuracy.labels(statistic="mean").set(mean)
+        self.metrics.expected_accuracy.labels(statistic="worst").set(worst)
+        self.metrics.exploration_share.set(exploration)
+        self.metrics.agents_online.set(len(active))
+        self.log.info(
+            "allocation_cycle",
+            epoch=self.epoch,
+            trigger=trigger,
+            agents=len(active),
+            changed=len(changed),
+            solve_ms=round(solve_seconds * 1000, 2),
+            cycle_ms=round(cycle_seconds * 1000, 2),
+            mean_accuracy=round(mean, 4),
+            worst_accuracy=round(worst, 4),
+            exploration=round(exploration, 4),
+            complete=self.transition_complete,
+        )
+        if over_budget.any():
+            self.log.warning(
+                "budget_below_holdings",
+                epoch=self.epoch,
+                over=dict(zip(self.resources, over_budget.tolist(), strict=True)),
+            )
+
+    # -- state -------------------------------------------------------------
+
+    def save_learners(self) -> None:
+        """Queue the state of every learner that changed since the last save."""
+        for agent in self.dirty:
+            if agent in self.learner:
+                self.store.save_learner_state(agent, self.learner.agent_state(agent))
+        self.dirty.clear()
+
+    def restore(self) -> None:
+        """Rebuild budget, grants, learners and epoch from the store."""
+        now = self.clock()
+        budget = self.store.latest_budget()
+        if budget is not None:
+            self._set_budget(Budget(budget["resources"], budget["alpha"]))
+        self.epoch = self.store.last_epoch()
+        rows = {row["agent"]: row for row in self.store.agents()}
+        for agent, row in rows.items():
+            if row.get("last_seq") is not None:
+                self.ingest.restore_seq(agent, int(row["last_seq"]))
+
+        latest = self.store.latest_allocation() or {}
+        for agent, share in latest.get("agents", {}).items():
+            row = rows.get(agent, {})
+            self.agents[agent] = AgentInfo(
+                model=row.get("model"), expected_accuracy=share["expected_accuracy"]
+            )
+            # What the agent may still hold from before the restart counts
+            # until one acknowledgement timeout has passed.
+            self.ledger.restore(
+                agent,
+                Grant(share["epoch"], share["cloud"], now + self.config.ack_timeout),
+                held=share["held"],
+                acknowledged_epoch=row.get("last_epoch_acked"),
+            )
+
+        states = self.store.learner_states()
+        for agent, info in self.agents.items():
+            if not self.resources:
+                break
+            if agent in states:
+                self.learner.restore_agent(agent, states[agent])
+            elif agent not in self.learner:
+                self.learner.add_agent(agent, model=info.model)
+        self.log.info(
+            "state_restored",
+            epoch=self.epoch,
+            agents=len(self.agents),
+            learners=len(states),
+        )
+
+
+def _kind_label(event: Event) -> str:
+    return type(event).__name__.lower()
+
+
+def _smooth(previous: float | None, value: float) -> float:
+    if previous is None:
+        return value
+    return (1 - LOAD_SMOOTHING) * previous + LOAD_SMOOTHING * value
