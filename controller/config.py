@@ -56,13 +56,23 @@ class ControllerConfig:
         0.02,
         "most that exploration may cost: relative loss of the estimated objective",
     )
+    grant_lease: float = setting(
+        120.0,
+        "seconds an allocation stays valid (its 'expires'); the controller renews "
+        "grants before they lapse, and a device that hears nothing more falls "
+        "back to its local resources when its grant expires",
+        minimum=1.0,
+    )
     ack_timeout: float = setting(
         15.0,
-        "seconds an agent has to apply a new allocation; until it acknowledges "
-        "(reports the new epoch) or this passes, its old grant still counts",
+        "seconds an agent has to report a new epoch before the controller warns "
+        "that it is not acknowledging (its old grant keeps counting until it "
+        "expires either way)",
     )
     offline_grace: float = setting(
-        60.0, "seconds an offline agent keeps its grant before it is reallocated"
+        60.0,
+        "seconds an offline agent stays in the fleet before it stops being "
+        "allocated; its last grant still counts until that grant expires",
     )
     telemetry_retention_rows: int = setting(
         1000, "telemetry rows kept per agent in the database"
@@ -100,6 +110,12 @@ class ControllerConfig:
         if self.weights not in ("equal", "load"):
             raise ConfigError(
                 f"weights must be 'equal' or 'load', got {self.weights!r}"
+            )
+        if self.grant_lease <= self.reallocation_interval:
+            raise ConfigError(
+                f"grant_lease ({self.grant_lease:g} s) must be longer than "
+                f"reallocation_interval ({self.reallocation_interval:g} s), or grants "
+                "lapse before the periodic cycle renews them"
             )
         if not 0 <= self.metrics_port <= 65535:
             raise ConfigError(f"metrics_port must be 0..65535, got {self.metrics_port}")

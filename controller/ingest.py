@@ -232,7 +232,6 @@ class Ingest:
                 report.seq,
                 notify=False,  # QoS 1 redelivery: normal, nothing to tell
             )
-        history.seq = report.seq
 
         excess = cloud_above_grant(report.cloud, granted)
         if excess is not None:
@@ -259,6 +258,9 @@ class Ingest:
                     problem[0],
                     report.seq,
                 )
+        # Only an accepted report moves the sequence on: a refused one must not
+        # make the agent's next genuine reports look like duplicates.
+        history.seq = report.seq
         history.suspect = 0
         history.accuracy = report.accuracy
         history.local = dict(report.local)

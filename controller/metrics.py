@@ -64,6 +64,11 @@ class ControllerMetrics:
             "Weight of the exploring allocation in the one published (0 to 1).",
             registry=self.registry,
         )
+        self.unacknowledged = Counter(
+            "fairsynergy_unacknowledged_grants",
+            "Grants an agent did not acknowledge within the acknowledgement timeout.",
+            registry=self.registry,
+        )
         self.allocations_published = Counter(
             "fairsynergy_allocations_published",
             "Per-agent allocation messages published.",

@@ -1,23 +1,24 @@
 """Grants and transitions: publish new allocations without over-committing the pool.
 
-When the controller moves the fleet from one allocation to the next, the agents
+Every allocation message is a *grant* with a lease: the agent may use it until
+its ``expires`` time, and the controller renews grants before they lapse
+while the agent stays in the fleet. An agent that hears nothing more falls
+back to its local resources when its grant expires.
+
+When the controller moves the fleet from one allocation to the next, agents
 switch at different moments. Until an agent acknowledges the new epoch (its
-telemetry reports it) it may still be using its previous grant, so the pool it
-holds is the larger of the two. :class:`GrantLedger` keeps that conservative
-view per agent, and :func:`plan_transition` chooses what to publish now so that
-the sum of what agents may hold never exceeds a budget:
+telemetry reports it) it may still be using an older grant whose lease has
+not ended, so what it holds is the largest of those. :class:`GrantLedger`
+keeps that conservative view per agent, and :func:`plan_transition` chooses
+what to publish now so that the sum of what agents may hold never exceeds a
+budget:
 
 - agents that shrink get their new amount at once (what they hold can only fall);
 - agents that grow get only the slack that is really free now, shared in
-  proportion to their growth; the rest follows in a later epoch, once shrinking
-  agents have acknowledged or their old grants have lapsed;
+  proportion to their growth; the rest follows in a later epoch, once the
+  shrinking agents have acknowledged or their old grants have expired;
 - changes smaller than the hysteresis band are not published at all, so small
   refits and exploration noise do not cause a storm of messages.
-
-Every allocation message carries ``expires``: the moment after which the agent
-must no longer use any earlier grant. An agent that has not acknowledged by
-then is counted at its new amount only; the edge client applies allocations as
-soon as it receives them, well before that.
 
 One case cannot be made safe by ordering: an operator who cuts a budget below
 what agents already hold. Shrinking allocations go out at once and the pool is
@@ -27,7 +28,6 @@ over_budget` reports it so the daemon can warn.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
@@ -43,12 +43,12 @@ ROUNDING_MARGIN = 1e-9
 
 @dataclass
 class Grant:
-    """One allocation published to one agent."""
+    """One allocation published to one agent: a lease on some cloud amounts."""
 
     epoch: int
     cloud: dict[str, float]
-    # After this moment the agent may no longer use grants older than this one.
-    supersedes_at: float
+    published_at: float
+    expires: float
 
 
 @dataclass
@@ -83,18 +83,9 @@ class GrantLedger:
         entry = self._agents.get(agent)
         return entry.acknowledged_epoch if entry else None
 
-    def grant(
-        self,
-        agent: str,
-        epoch: int,
-        cloud: dict[str, float],
-        now: float,
-        ack_timeout: float,
-    ) -> Grant:
-        """Record that ``cloud`` was published to ``agent`` under ``epoch``."""
-        new = Grant(epoch=epoch, cloud=dict(cloud), supersedes_at=now + ack_timeout)
-        self._agents.setdefault(agent, AgentGrants()).grants.append(new)
-        return new
+    def grant(self, agent: str, grant: Grant) -> None:
+        """Record that ``grant`` was published to ``agent``."""
+        self._agents.setdefault(agent, AgentGrants()).grants.append(grant)
 
     def restore(
         self,
@@ -107,10 +98,12 @@ class GrantLedger:
         """Put back an agent's latest grant after a restart.
 
         ``held`` is the most the agent could hold when the state was saved
-        (its latest grant, or more while it was switching); it keeps counting
-        until ``latest.supersedes_at``, as an unacknowledged older grant would.
+        (its latest grant, or more while it was switching); it counts like an
+        unacknowledged older grant, until the latest grant's lease ends.
         """
-        before = Grant(latest.epoch - 1, dict(held), supersedes_at=-math.inf)
+        before = Grant(
+            latest.epoch - 1, dict(held), latest.published_at, latest.expires
+        )
         self._agents[agent] = AgentGrants([before, latest], acknowledged_epoch)
 
     def acknowledge(self, agent: str, epoch: int) -> bool:
@@ -123,28 +116,33 @@ class GrantLedger:
             return False
         if entry.acknowledged_epoch is None or epoch > entry.acknowledged_epoch:
             entry.acknowledged_epoch = epoch
-        before = len(entry.grants)
-        entry.grants = [g for g in entry.grants if g.epoch >= epoch] or entry.grants[
-            -1:
-        ]
-        return len(entry.grants) < before
-
-    def expire(self, now: float) -> bool:
-        """Drop grants superseded by a newer one whose deadline has passed."""
-        released = False
-        for entry in self._agents.values():
-            keep_from = 0
-            for index, grant in enumerate(entry.grants):
-                if index > 0 and grant.supersedes_at <= now:
-                    keep_from = index
-            if keep_from:
-                entry.grants = entry.grants[keep_from:]
-                released = True
+        kept = [g for g in entry.grants if g.epoch >= epoch] or entry.grants[-1:]
+        released = len(kept) < len(entry.grants)
+        entry.grants = kept
         return released
 
-    def release(self, agent: str) -> bool:
-        """The agent is gone: it holds nothing any more."""
-        return self._agents.pop(agent, None) is not None
+    def expire(self, now: float) -> bool:
+        """Drop every grant whose lease has ended; True if any was dropped."""
+        released = False
+        for agent, entry in list(self._agents.items()):
+            live = [g for g in entry.grants if g.expires > now]
+            if len(live) < len(entry.grants):
+                released = True
+                entry.grants = live
+            if not live:
+                del self._agents[agent]
+        return released
+
+    def unacknowledged(self, now: float, timeout: float) -> list[str]:
+        """Agents whose latest grant is older than ``timeout`` and not acknowledged."""
+        late = []
+        for agent, entry in self._agents.items():
+            latest = entry.latest
+            acked = entry.acknowledged_epoch
+            waiting = latest is not None and (acked is None or acked < latest.epoch)
+            if waiting and now - latest.published_at > timeout:  # type: ignore[union-attr]
+                late.append(agent)
+        return late
 
     def held(self, agents: Sequence[str], resources: Sequence[str]) -> FloatArray:
         """Per agent and resource, the most it may be using: the max of its grants."""
@@ -158,7 +156,7 @@ class GrantLedger:
         return held
 
     def current(self, agents: Sequence[str], resources: Sequence[str]) -> FloatArray:
-        """Per agent and resource, the latest published amount (0 if none)."""
+        """Per agent and resource, the latest live grant (0 if none)."""
         current = np.zeros((len(agents), len(resources)))
         for row, agent in enumerate(agents):
             latest = self.latest(agent)

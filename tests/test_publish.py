@@ -6,9 +6,15 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from controller.publish import GrantLedger, plan_transition
+from controller.publish import Grant, GrantLedger, plan_transition
 
 RESOURCES = ("compute", "data")
+LEASE = 60.0
+
+
+def lease(epoch: int, cloud: dict[str, float], now: float = 0.0) -> Grant:
+    """A grant published at ``now`` with the usual lease."""
+    return Grant(epoch, cloud, published_at=now, expires=now + LEASE)
 
 
 def feasible(rng: np.random.Generator, agents: int, budget: np.ndarray) -> np.ndarray:
@@ -92,7 +98,7 @@ def test_ledger_converges_after_acknowledgements():
     agents = ["a", "b", "c"]
     budget = np.array([9.0, 3.0])
     for agent, amounts in zip(agents, [(6, 1), (2, 1), (1, 1)], strict=True):
-        ledger.grant(agent, 1, dict(zip(RESOURCES, amounts, strict=True)), 0.0, 5.0)
+        ledger.grant(agent, lease(1, dict(zip(RESOURCES, amounts, strict=True))))
         ledger.acknowledge(agent, 1)
     target = np.array([[1.0, 1.0], [4.0, 0.5], [4.0, 1.5]])
 
@@ -102,7 +108,7 @@ def test_ledger_converges_after_acknowledgements():
         step = plan_transition(budget, target, held, current, hysteresis=0.0)
         for row in np.flatnonzero(step.publish):
             cloud = dict(zip(RESOURCES, step.cloud[row].tolist(), strict=True))
-            ledger.grant(agents[row], epoch, cloud, float(epoch), 5.0)
+            ledger.grant(agents[row], lease(epoch, cloud, float(epoch)))
         held_after = ledger.held(agents, RESOURCES).sum(axis=0)
         assert np.all(held_after <= budget + 1e-9)
         for agent in agents:
@@ -111,24 +117,58 @@ def test_ledger_converges_after_acknowledgements():
     np.testing.assert_allclose(ledger.current(agents, RESOURCES), target)
 
 
-def test_ledger_drops_old_grant_when_deadline_passes():
-    """An agent that never acknowledges is counted at its new grant after expiry."""
+def test_ledger_counts_old_grant_until_its_lease_ends():
+    """An agent that never acknowledges holds its old grant until it expires."""
     ledger = GrantLedger()
-    ledger.grant("a", 1, {"compute": 5.0}, now=0.0, ack_timeout=10.0)
-    ledger.grant("a", 2, {"compute": 1.0}, now=1.0, ack_timeout=10.0)
+    ledger.grant("a", Grant(1, {"compute": 5.0}, published_at=0.0, expires=10.0))
+    ledger.grant("a", Grant(2, {"compute": 1.0}, published_at=1.0, expires=70.0))
 
     before = ledger.held(["a"], ["compute"])[0, 0]
-    released = ledger.expire(now=11.5)
+    released = ledger.expire(now=10.5)
     after = ledger.held(["a"], ["compute"])[0, 0]
 
     assert (before, released, after) == (5.0, True, 1.0)
 
 
-def test_ledger_release_frees_everything():
-    """A departed agent holds nothing."""
+def test_ledger_forgets_agent_whose_last_grant_expired():
+    """A lapsed grant is not renewed: the agent holds nothing."""
     ledger = GrantLedger()
-    ledger.grant("a", 1, {"compute": 5.0}, now=0.0, ack_timeout=10.0)
+    ledger.grant("a", lease(1, {"compute": 5.0}))
 
-    ledger.release("a")
+    ledger.expire(now=LEASE + 1)
 
-    assert ledger.total_held(["compute"]) == {"compute": 0.0}
+    assert ("a" in ledger, ledger.total_held(["compute"])) == (False, {"compute": 0.0})
+
+
+def test_ledger_acknowledgement_releases_older_grants():
+    """Acknowledging the newest epoch drops what the agent held before."""
+    ledger = GrantLedger()
+    ledger.grant("a", lease(1, {"compute": 5.0}))
+    ledger.grant("a", lease(2, {"compute": 1.0}))
+
+    released = ledger.acknowledge("a", 2)
+
+    assert (released, ledger.held(["a"], ["compute"])[0, 0]) == (True, 1.0)
+
+
+def test_ledger_lists_agents_slow_to_acknowledge():
+    """Agents that have not reported their latest epoch in time are listed."""
+    ledger = GrantLedger()
+    ledger.grant("a", lease(3, {"compute": 1.0}, now=0.0))
+    ledger.grant("b", lease(3, {"compute": 1.0}, now=0.0))
+    ledger.acknowledge("b", 3)
+
+    assert ledger.unacknowledged(now=20.0, timeout=15.0) == ["a"]
+
+
+def test_ledger_restore_keeps_counting_what_was_held():
+    """After a restart the larger amount held before counts until the lease ends."""
+    ledger = GrantLedger()
+
+    ledger.restore(
+        "a", lease(4, {"compute": 1.0}), held={"compute": 3.0}, acknowledged_epoch=3
+    )
+
+    assert ledger.held(["a"], ["compute"])[0, 0] == 3.0
+    ledger.acknowledge("a", 4)
+    assert ledger.held(["a"], ["compute"])[0, 0] == 1.0
