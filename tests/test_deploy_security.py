@@ -21,6 +21,9 @@ import queue
 import socket
 import ssl
 import struct
+import subprocess
+import sys
+import time
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -32,6 +35,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 
 import schemas
 from controller.provision import Account, provision
+from edge_client import EdgeClient
 from tests.mosquitto import MosquittoBroker
 from tests.pki import Pki, make_pki
 from tests.secure_broker import (
@@ -476,9 +480,6 @@ def test_edge_client_connects_over_tls_and_receives_its_allocation(
     login: Callable[..., Session],
 ) -> None:
     """EdgeClient logs in over TLS with its password and gets its allocation."""
-    edge_client = pytest.importorskip("edge_client")
-    if not hasattr(edge_client, "EdgeClient"):
-        pytest.skip("edge_client.EdgeClient does not exist yet")
     controller = login("controller")
     granted = schemas.allocation(epoch=7, cloud={"compute": 2.5}, ts=1.0)
     allocation = topic("agents/a1/allocation")
@@ -487,7 +488,7 @@ def test_edge_client_connects_over_tls_and_receives_its_allocation(
     )
     received: queue.Queue[Any] = queue.Queue()
 
-    client = edge_client.EdgeClient(
+    client = EdgeClient(
         f"mqtts://{secure_broker.host}:{secure_broker.port}",
         FLEET,
         "a1",
@@ -500,3 +501,61 @@ def test_edge_client_connects_over_tls_and_receives_its_allocation(
         got = received.get(timeout=TIMEOUT_S)
 
     assert (got.epoch, dict(got.cloud)) == (7, {"compute": 2.5})
+
+
+def test_controller_allocates_over_tls_on_the_production_broker(
+    secure_broker: MosquittoBroker,
+    pki: Pki,
+    accounts: Accounts,
+    tmp_path: Path,
+) -> None:
+    """Controller, operator and agent, each on its own TLS account, close the loop."""
+    url = f"mqtts://{secure_broker.host}:{secure_broker.port}"
+    secrets = {}
+    for username in ("controller", "operator"):
+        secrets[username] = tmp_path / f"{username}.password"
+        secrets[username].write_text(accounts.passwords[username])
+    (tmp_path / "controller.toml").write_text("metrics_port = 0\ndebounce = 0.1\n")
+    tls = ["--ca-file", str(pki.ca_cert), "--broker", url, "--fleet", FLEET]
+    controller = subprocess.Popen(
+        [
+            sys.executable, "-m", "controller.cli", "controller", *tls,
+            "--db", str(tmp_path / "state.db"),
+            "--config", str(tmp_path / "controller.toml"),
+            "--username", "controller", "--password-file", str(secrets["controller"]),
+        ],
+        stderr=subprocess.PIPE,
+    )  # fmt: skip
+    received: queue.Queue[Any] = queue.Queue()
+    agent = EdgeClient(
+        url,
+        FLEET,
+        "a1",
+        username="a1",
+        password=accounts.passwords["a1"],
+        ca_file=pki.ca_cert,
+        on_allocation=received.put,
+    )
+
+    try:
+        budget = subprocess.run(
+            [
+                sys.executable, "-m", "controller.cli", "budget", *tls,
+                "--username", "operator", "--password-file", str(secrets["operator"]),
+                "compute=2",
+            ],
+            capture_output=True, text=True, timeout=30,
+        )  # fmt: skip
+        with agent.connect(timeout=TIMEOUT_S):
+            deadline = time.monotonic() + 20
+            while received.empty() and time.monotonic() < deadline:
+                agent.report(accuracy=0.5, local={"compute": 0.1}, cloud={})
+                time.sleep(0.2)
+            got = received.get(timeout=1)
+    finally:
+        controller.terminate()
+        _, errors = controller.communicate(timeout=15)
+
+    assert budget.returncode == 0, budget.stderr
+    assert 0 < got.amount("compute") <= 2.0, errors.decode()[-2000:]
+    assert controller.returncode == 0
