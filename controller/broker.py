@@ -47,14 +47,21 @@ class BrokerOptions:
             ) from None
 
 
-def make_client(options: BrokerOptions, client_id: str) -> paho.Client:
-    """A paho client (MQTT 3.1.1, persistent session) set up for ``options``."""
+def make_client(options: BrokerOptions, client_id: str = "") -> paho.Client:
+    """A paho client (MQTT 3.1.1) set up for ``options``.
+
+    With a ``client_id`` the session is persistent: the broker keeps the
+    subscriptions and queues QoS 1 messages while the client is away (the
+    daemon). Without one it is a clean, throwaway session (operator tools).
+    """
     try:
         address = parse_broker_url(options.url)
     except EdgeError as error:
         raise BrokerError(str(error)) from None
     client = paho.Client(
-        CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=False
+        CallbackAPIVersion.VERSION2,
+        client_id=client_id,
+        clean_session=not client_id,
     )
     if options.username is not None:
         client.username_pw_set(options.username, options.password())

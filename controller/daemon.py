@@ -32,6 +32,7 @@ import schemas
 from controller.allocate import capped_utility
 from controller.broker import BrokerOptions, connect, make_client, publish
 from controller.config import ControllerConfig
+from controller.errors import FairsynergyError
 from controller.explore import Explorer, problem_from_estimates
 from controller.ingest import (
     AgentStatus,
@@ -45,7 +46,8 @@ from controller.ingest import (
 from controller.learn import FleetLearner
 from controller.logs import excerpt
 from controller.metrics import ControllerMetrics
-from controller.publish import Grant, GrantLedger, plan_transition
+from controller.problem import Problem
+from controller.publish import Grant, GrantLedger, Transition, plan_transition
 from controller.store import Store
 from schemas import Kind, Topics
 
@@ -61,6 +63,10 @@ MIN_LOAD_WEIGHT = 0.05
 # Smoothing of reported load (exponential moving average per report).
 LOAD_SMOOTHING = 0.2
 INBOX_LIMIT = 200_000
+# The fleet summary lists every agent (about 100 bytes each), so it may exceed
+# the 64 KiB limit of device messages; see deploy/mosquitto/mosquitto.conf.
+SUMMARY_MAX_BYTES = 16 * 1024 * 1024
+SUMMARY_FIELDS = ("cloud", "expected_accuracy", "epoch", "expires")
 # Changed learner states are queued for the store this often: a crash loses
 # at most this much learning, and an agent that reports many times a second
 # costs one state write per interval, not one per report.
@@ -77,6 +83,18 @@ class AgentInfo:
     load: float | None = None
     expected_accuracy: float | None = None
     local: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Target:
+    """A solved allocation the fleet is moving to, possibly over several epochs."""
+
+    agents: tuple[str, ...]
+    problem: Problem
+    cloud: np.ndarray
+    prices: dict[str, float]
+    exploration: float  # share of the exploring allocation in ``cloud``
+    solve_seconds: float
 
 
 @dataclass
@@ -144,13 +162,17 @@ class Controller:
         self.resources: tuple[str, ...] = ()
         self.budget: dict[str, float] | None = None
         self.alpha: float | None = None
-        self.learner = FleetLearner(self.resources)
+        # Created with the first budget: the model has one elasticity per resource.
+        self._learner: FleetLearner | None = None
         self.epoch = 0
         self.transition_complete = True
+        self.target: Target | None = None
         self.last_cycle_at = -math.inf
         self.last_saved_at = -math.inf
         # Agents whose learner changed since their state was last queued.
         self.dirty: set[str] = set()
+        # Agents already warned about for not acknowledging their latest grant.
+        self.late: set[str] = set()
         self.inbox: queue.Queue[tuple[str, bytes, float]] = queue.Queue(INBOX_LIMIT)
         self.client: paho.Client | None = None
 
@@ -288,7 +310,7 @@ class Controller:
             report.load,
             report.model,
         )
-        if self.resources:
+        if self._learner is not None:
             self.learner.learn_one(
                 report.agent,
                 report.local,
@@ -301,6 +323,7 @@ class Controller:
             self._check_fit(report.agent, info, now)
         if report.epoch is not None:
             released = self.ledger.acknowledge(report.agent, report.epoch)
+            self.late.discard(report.agent)
             if released and not self.transition_complete:
                 self.triggers.add("ack", now)
 
@@ -338,11 +361,14 @@ class Controller:
             self.log.info("agent_back", agent=agent)
         if model is not None:
             info.model = model
-        if self.resources and agent not in self.learner:
-            self.learner.add_agent(agent, model=model)
+        if self._learner is not None and agent not in self._learner:
+            self._learner.add_agent(agent, model=model)
         return info
 
     def on_budget(self, budget: Budget, now: float) -> None:
+        same = budget.resources == self.budget and budget.alpha == self.alpha
+        if same:
+            return  # the retained budget, read again on (re)connect
         self._set_budget(budget)
         self.store.record_budget(self.budget or {}, self._alpha())
         self.triggers.add("budget", now)
@@ -362,9 +388,16 @@ class Controller:
     def _change_resources(self, resources: tuple[str, ...]) -> None:
         """A new set of resources is a new model: learning starts again."""
         self.resources = resources
-        self.learner = FleetLearner(resources)
+        self._learner = FleetLearner(resources)
         for agent, info in self.agents.items():
-            self.learner.add_agent(agent, model=info.model)
+            self._learner.add_agent(agent, model=info.model)
+
+    @property
+    def learner(self) -> FleetLearner:
+        """The fleet's learner; it exists once a budget names the resources."""
+        if self._learner is None:
+            raise FairsynergyError("no budget yet, so no resources to learn")
+        return self._learner
 
     def on_rejected(self, rejected: Rejected) -> None:
         self.metrics.rejected.labels(kind=rejected.kind, reason=rejected.reason).inc()
@@ -395,8 +428,13 @@ class Controller:
 
     def housekeeping(self, now: float) -> None:
         """Lapse grants, release agents gone too long, and run a due cycle."""
-        if self.ledger.expire(now) and not self.transition_complete:
+        if self.ledger.expire(now):
             self.triggers.add("expiry", now)
+        for agent in self.ledger.unacknowledged(now, self.config.ack_timeout):
+            if agent not in self.late:
+                self.late.add(agent)
+                self.metrics.unacknowledged.inc()
+                self.log.warning("agent_not_acknowledging", agent=agent)
         for agent, info in list(self.agents.items()):
             gone = info.offline_since is not None
             if gone and now - info.offline_since >= self.config.offline_grace:  # type: ignore[operator]
@@ -414,30 +452,63 @@ class Controller:
                 self.log.exception("cycle_failed", trigger=trigger, epoch=self.epoch)
 
     def _leave(self, agent: str, now: float) -> None:
+        """Stop allocating to ``agent``; its last grant counts until it expires."""
         self.agents.pop(agent, None)
-        self.ledger.release(agent)
-        self.learner.remove_agent(agent)
+        if self._learner is not None:
+            self._learner.remove_agent(agent)
         self.ingest.forget(agent)
         self.triggers.add("leave", now)
         self.log.info("agent_left", agent=agent)
         if self.client is not None:
-            # The retained allocation would otherwise greet the agent on its
-            # return with a grant it no longer has.
-            self.client.publish(
-                self.topics.for_agent(agent).allocation, b"", qos=1, retain=True
-            )
+            # Clear the retained allocation, so the agent does not find it
+            # again on its return as if it were still granted.
+            topic = self.topics.for_agent(agent).allocation
+            self.client.publish(topic, b"", qos=1, retain=True)
 
     # -- allocation --------------------------------------------------------
 
     def cycle(self, trigger: str, now: float) -> None:
-        """Solve, explore, plan the transition, record and publish a new epoch."""
+        """Solve, explore, plan the transition, record and publish a new epoch.
+
+        A cycle triggered only by acknowledgements or lapsed grants continues
+        the transition to the target already solved, so that agents waiting
+        to grow get there instead of chasing a new exploring target each time.
+        """
         self.last_cycle_at = now
         active = [a for a, info in self.agents.items() if info.online]
-        if self.budget is None or not active or not self.resources:
+        if self.budget is None or not active or self._learner is None:
             return
         started = time.perf_counter()
         budget = self._available_budget(active)
+        target = self.target
+        continuing = set(trigger.split(",")) <= {"ack", "expiry"}
+        if target is None or target.agents != tuple(active) or not continuing:
+            target = self._solve(active, budget)
 
+        step = plan_transition(
+            budget,
+            target.cloud,
+            self.ledger.held(active, self.resources),
+            self.ledger.current(active, self.resources),
+            hysteresis=self.config.hysteresis,
+            new_agents=np.array([self._needs_grant(a, now) for a in active]),
+        )
+        self.transition_complete = step.complete
+        self.target = None if step.complete else target
+        if not step.publish.any() and "restart" not in trigger:
+            return
+
+        expected = capped_utility(target.problem, step.cloud)
+        self.epoch = self.store.next_epoch()
+        changed = [a for a, p in zip(active, step.publish.tolist(), strict=True) if p]
+        shares = self._record(
+            trigger, active, step.cloud, expected, changed, target.prices, now
+        )
+        self._publish(changed, shares, target.prices, now)
+        self._report(trigger, active, changed, expected, target, started, step)
+
+    def _solve(self, active: list[str], budget: np.ndarray) -> Target:
+        """The allocation to head for: fair at the estimates, plus exploration."""
         estimates = self.learner.estimates(active)
         weight = self._weights(active)
         alpha = self._alpha()
@@ -451,47 +522,25 @@ class Controller:
             alpha=alpha,
             weight=weight,
         )
-        solve_started = time.perf_counter()
+        started = time.perf_counter()
         exploration = self.explorer.allocate(
             problem, sample, float(np.mean(estimates.uncertainty))
         )
-        solve_seconds = time.perf_counter() - solve_started
+        prices = exploration.mean.prices.tolist()
+        return Target(
+            agents=tuple(active),
+            problem=problem,
+            cloud=exploration.cloud,
+            prices=dict(zip(self.resources, prices, strict=True)),
+            exploration=exploration.share,
+            solve_seconds=time.perf_counter() - started,
+        )
 
-        held = self.ledger.held(active, self.resources)
-        current = self.ledger.current(active, self.resources)
-        fresh = np.array([a not in self.ledger for a in active])
-        step = plan_transition(
-            budget,
-            exploration.cloud,
-            held,
-            current,
-            hysteresis=self.config.hysteresis,
-            new_agents=fresh,
-        )
-        self.transition_complete = step.complete
-        if not step.publish.any() and "restart" not in trigger:
-            return
-
-        expected = capped_utility(problem, step.cloud)
-        prices = dict(
-            zip(self.resources, exploration.mean.prices.tolist(), strict=True)
-        )
-        self.epoch = self.store.next_epoch()
-        changed = [a for a, p in zip(active, step.publish.tolist(), strict=True) if p]
-        shares = self._record(
-            trigger, active, step.cloud, expected, changed, prices, now
-        )
-        self._publish(changed, shares, prices, now)
-        self._report(
-            trigger,
-            active,
-            changed,
-            expected,
-            exploration.share,
-            solve_seconds,
-            started,
-            step.over_budget,
-        )
+    def _needs_grant(self, agent: str, now: float) -> bool:
+        """No live grant, or one past half its lease: publish (renew) it now."""
+        latest = self.ledger.latest(agent)
+        renew_at = self.config.grant_lease / 2
+        return latest is None or latest.expires - now < renew_at
 
     def _available_budget(self, active: list[str]) -> np.ndarray:
         """The budget minus what agents offline (but within grace) still hold."""
@@ -523,28 +572,38 @@ class Controller:
         prices: dict[str, float],
         now: float,
     ) -> dict[str, dict[str, Any]]:
-        """Commit the epoch before anything about it is published."""
-        changed_set = set(changed)
+        """Commit the epoch before anything about it is published.
+
+        The record holds every grant still live, also of agents away but not
+        yet expired, so that a restarted controller counts all of them.
+        """
+        published = set(changed)
+        lease = self.config.grant_lease
         shares: dict[str, dict[str, Any]] = {}
         for row, agent in enumerate(active):
             latest = self.ledger.latest(agent)
-            epoch = (
-                self.epoch if agent in changed_set or latest is None else latest.epoch
-            )
-            held = self.ledger.held([agent], self.resources)[0]
+            fresh = agent in published or latest is None
+            held = np.maximum(self.ledger.held([agent], self.resources)[0], cloud[row])
             shares[agent] = {
-                "cloud": dict(zip(self.resources, cloud[row].tolist(), strict=True)),
-                "expected_accuracy": float(min(max(expected[row], 0.0), 1.0)),
-                "epoch": epoch,
-                "held": dict(
-                    zip(
-                        self.resources,
-                        np.maximum(held, cloud[row]).tolist(),
-                        strict=True,
-                    )
-                ),
+                "cloud": self._amounts(cloud[row]),
+                "expected_accuracy": float(np.clip(expected[row], 0.0, 1.0)),
+                "epoch": self.epoch if fresh else latest.epoch,  # type: ignore[union-attr]
+                "published_at": now if fresh else latest.published_at,  # type: ignore[union-attr]
+                "expires": now + lease if fresh else latest.expires,  # type: ignore[union-attr]
+                "held": self._amounts(held),
             }
             self.agents[agent].expected_accuracy = shares[agent]["expected_accuracy"]
+        for agent in set(self.ledger.agents()) - set(active):
+            grant = self.ledger.latest(agent)
+            assert grant is not None
+            shares[agent] = {
+                "cloud": grant.cloud,
+                "epoch": grant.epoch,
+                "published_at": grant.published_at,
+                "expires": grant.expires,
+                "held": self._amounts(self.ledger.held([agent], self.resources)[0]),
+                "away": True,
+            }
         self.store.record_allocation(
             self.epoch,
             trigger=trigger,
@@ -556,6 +615,9 @@ class Controller:
         )
         return shares
 
+    def _amounts(self, values: np.ndarray) -> dict[str, float]:
+        return dict(zip(self.resources, values.tolist(), strict=True))
+
     def _publish(
         self,
         changed: list[str],
@@ -563,7 +625,7 @@ class Controller:
         prices: dict[str, float],
         now: float,
     ) -> None:
-        expires = now + self.config.ack_timeout
+        expires = now + self.config.grant_lease
         for agent in changed:
             share = shares[agent]
             message = schemas.allocation(
@@ -574,9 +636,8 @@ class Controller:
                 expires=expires,
                 ts=now,
             )
-            self.ledger.grant(
-                agent, self.epoch, share["cloud"], now, self.config.ack_timeout
-            )
+            self.ledger.grant(agent, Grant(self.epoch, share["cloud"], now, expires))
+
             if self.client is not None:
                 self.client.publish(
                     self.topics.for_agent(agent).allocation,
@@ -590,15 +651,17 @@ class Controller:
             budget=self.budget or {},
             prices=prices,
             agents={
-                a: {k: s[k] for k in ("cloud", "expected_accuracy", "epoch")}
-                for a, s in shares.items()
+                agent: {k: v for k, v in share.items() if k in SUMMARY_FIELDS}
+                for agent, share in shares.items()
             },
             ts=now,
         )
         if self.client is not None:
             self.client.publish(
                 self.topics.allocations,
-                schemas.encode(Kind.FLEET_SUMMARY, summary),
+                schemas.encode(
+                    Kind.FLEET_SUMMARY, summary, max_bytes=SUMMARY_MAX_BYTES
+                ),
                 qos=1,
                 retain=True,
             )
@@ -610,19 +673,18 @@ class Controller:
         active: list[str],
         changed: list[str],
         expected: np.ndarray,
-        exploration: float,
-        solve_seconds: float,
+        target: Target,
         started: float,
-        over_budget: np.ndarray,
+        step: Transition,
     ) -> None:
         cycle_seconds = time.perf_counter() - started
         mean, worst = float(expected.mean()), float(expected.min())
         self.metrics.epoch.set(self.epoch)
-        self.metrics.solve_seconds.observe(solve_seconds)
+        self.metrics.solve_seconds.observe(target.solve_seconds)
         self.metrics.cycle_seconds.observe(cycle_seconds)
         self.metrics.expected_accuracy.labels(statistic="mean").set(mean)
         self.metrics.expected_accuracy.labels(statistic="worst").set(worst)
-        self.metrics.exploration_share.set(exploration)
+        self.metrics.exploration_share.set(target.exploration)
         self.metrics.agents_online.set(len(active))
         self.log.info(
             "allocation_cycle",
@@ -630,28 +692,30 @@ class Controller:
             trigger=trigger,
             agents=len(active),
             changed=len(changed),
-            solve_ms=round(solve_seconds * 1000, 2),
+            solve_ms=round(target.solve_seconds * 1000, 2),
             cycle_ms=round(cycle_seconds * 1000, 2),
             mean_accuracy=round(mean, 4),
             worst_accuracy=round(worst, 4),
-            exploration=round(exploration, 4),
-            complete=self.transition_complete,
+            exploration=round(target.exploration, 4),
+            complete=step.complete,
         )
-        if over_budget.any():
+        if step.over_budget.any():
             self.log.warning(
                 "budget_below_holdings",
                 epoch=self.epoch,
-                over=dict(zip(self.resources, over_budget.tolist(), strict=True)),
+                over=self._amounts(step.over_budget),
             )
 
     # -- state -------------------------------------------------------------
 
     def save_learners(self) -> None:
         """Queue the state of every learner that changed since the last save."""
-        for agent in self.dirty:
-            if agent in self.learner:
-                self.store.save_learner_state(agent, self.learner.agent_state(agent))
-        self.dirty.clear()
+        changed, self.dirty = self.dirty, set()
+        if self._learner is None:
+            return
+        for agent in changed:
+            if agent in self._learner:
+                self.store.save_learner_state(agent, self._learner.agent_state(agent))
 
     def restore(self) -> None:
         """Rebuild budget, grants, learners and epoch from the store."""
@@ -668,26 +732,32 @@ class Controller:
         latest = self.store.latest_allocation() or {}
         for agent, share in latest.get("agents", {}).items():
             row = rows.get(agent, {})
-            self.agents[agent] = AgentInfo(
-                model=row.get("model"), expected_accuracy=share["expected_accuracy"]
-            )
-            # What the agent may still hold from before the restart counts
-            # until one acknowledgement timeout has passed.
-            self.ledger.restore(
-                agent,
-                Grant(share["epoch"], share["cloud"], now + self.config.ack_timeout),
-                held=share["held"],
-                acknowledged_epoch=row.get("last_epoch_acked"),
-            )
+            if not share.get("away"):
+                self.agents[agent] = AgentInfo(
+                    model=row.get("model"),
+                    expected_accuracy=share.get("expected_accuracy"),
+                )
+            if share["expires"] > now:
+                grant = Grant(
+                    share["epoch"],
+                    share["cloud"],
+                    share["published_at"],
+                    share["expires"],
+                )
+                self.ledger.restore(
+                    agent,
+                    grant,
+                    held=share["held"],
+                    acknowledged_epoch=row.get("last_epoch_acked"),
+                )
 
         states = self.store.learner_states()
-        for agent, info in self.agents.items():
-            if not self.resources:
-                break
-            if agent in states:
-                self.learner.restore_agent(agent, states[agent])
-            elif agent not in self.learner:
-                self.learner.add_agent(agent, model=info.model)
+        if self._learner is not None:
+            for agent, state in states.items():
+                self._learner.restore_agent(agent, state)
+            for agent, info in self.agents.items():
+                if agent not in self._learner:
+                    self._learner.add_agent(agent, model=info.model)
         self.log.info(
             "state_restored",
             epoch=self.epoch,

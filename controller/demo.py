@@ -29,6 +29,7 @@ from typing import Any
 
 import numpy as np
 import paho.mqtt.client as paho
+from rich import box
 from rich.console import Console, Group
 from rich.live import Live
 from rich.table import Table
@@ -357,16 +358,19 @@ class Demo:
         self.scene.fits = {a: fitted_parameters(s) for a, s in states.items()}
 
     def view(self) -> Group:
-        table = Table(title=self.headline(), expand=False)
-        for column in ("agent", "model", "cloud compute", "cloud data"):
-            table.add_column(column)
-        for column in (
-            "accuracy",
-            "oracle",
-            "elasticity compute fit/true",
-            "elasticity data fit/true",
-        ):
-            table.add_column(column, justify="right")
+        table = Table(
+            title=self.headline(),
+            box=box.SIMPLE_HEAD,
+            padding=0,
+            collapse_padding=True,
+            show_edge=False,
+        )
+        table.add_column("agent", no_wrap=True, min_width=11)
+        table.add_column("model", no_wrap=True)
+        table.add_column("cloud\ncompute data", justify="right", no_wrap=True)
+        table.add_column("accuracy\nnow oracle", justify="right", no_wrap=True)
+        table.add_column("elasticity\nfitted", justify="right", no_wrap=True)
+        table.add_column("elasticity\ntrue", justify="right", no_wrap=True)
         actual, oracle = self.true_accuracy(), self.oracle()
         now = time.time()
         for agent, device in self.devices.items():
@@ -376,14 +380,10 @@ class Demo:
             table.add_row(
                 agent,
                 truth.model,
-                f"{cloud['compute']:.3f}",
-                f"{cloud['data']:.3f}",
-                f"{actual[agent]:.3f}",
-                f"{oracle[agent]:.3f}",
-                *(
-                    f"{fit.get(r, float('nan')):.2f} / {truth.elasticity[i]:.2f}"
-                    for i, r in enumerate(RESOURCES)
-                ),
+                " ".join(f"{cloud[r]:.3f}" for r in RESOURCES),
+                f"{actual[agent]:.3f} {oracle[agent]:.3f}",
+                " ".join(f"{fit.get(r, math.nan):.3f}" for r in RESOURCES),
+                " ".join(f"{value:.3f}" for value in truth.elasticity),
             )
         return Group(table, *self.scene.events[-4:])
 

@@ -69,7 +69,9 @@ class LocalBroker:
     address.
     """
 
-    def __init__(self, binary: str, workdir: Path, config: str, ports: int) -> None:
+    def __init__(
+        self, binary: str, workdir: Path, config: str = DEFAULT_CONFIG, ports: int = 1
+    ) -> None:
         self.binary = binary
         self.dir = workdir
         self.template = config

@@ -27,7 +27,7 @@ from controller.broker import (
     publish,
 )
 from controller.config import ControllerConfig, load_config
-from controller.daemon import Controller
+from controller.daemon import SUMMARY_MAX_BYTES, Controller
 from controller.errors import FairsynergyError
 from controller.logs import configure_logging
 from controller.metrics import ControllerMetrics
@@ -207,7 +207,9 @@ def status_from_broker(args: argparse.Namespace) -> dict[str, Any]:
     try:
         while len(found) < len(wanted):
             topic, payload = received.get(timeout=STATUS_WAIT_S)
-            found[topic] = schemas.decode(wanted[topic], payload)
+            found[topic] = schemas.decode(
+                wanted[topic], payload, max_bytes=SUMMARY_MAX_BYTES
+            )
     except queue.Empty:
         pass
     except ContractError as error:

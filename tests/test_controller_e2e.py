@@ -236,18 +236,19 @@ def setup(
     watcher = Watcher(broker)
     controller = ControllerProcess(broker, tmp_path)
     controller.start()
-    wait_for(lambda: watcher.controller_state == "online", 20, "controller online")
-    devices = Devices(broker, agents=8, seed=3)
-    publish_budget(
-        broker, dict(zip(RESOURCES, devices.fleet.budget.tolist(), strict=True))
-    )
-
-    yield controller, watcher, devices
-
-    devices.close()
-    if controller.alive():
-        controller.stop()
-    watcher.close()
+    devices: Devices | None = None
+    try:
+        wait_for(lambda: watcher.controller_state == "online", 20, "controller online")
+        devices = Devices(broker, agents=8, seed=3)
+        budget = dict(zip(RESOURCES, devices.fleet.budget.tolist(), strict=True))
+        publish_budget(broker, budget)
+        yield controller, watcher, devices
+    finally:
+        if devices is not None:
+            devices.close()
+        if controller.alive():
+            controller.stop()
+        watcher.close()
 
 
 def held_total(devices: Devices) -> dict[str, float]:
@@ -321,7 +322,9 @@ def test_controller_resumes_after_kill_9(setup, tmp_path: Path):
     first_allocation_s = time.monotonic() - restarted
     devices.run(3.0)
 
-    assert first_allocation_s < 5.0
+    # The benchmark (bench/bench_controller.py) times this on a quiet machine;
+    # here other tests may share the cores, so only 'within seconds' is checked.
+    assert first_allocation_s < 10.0
     assert set(learned) == set(devices.clients)
     with Store(controller.db, read_only=True) as store:
         samples = {
