@@ -16,7 +16,6 @@ import argparse
 import math
 import signal
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -40,7 +39,7 @@ from controller.audit import PoolAudit
 from controller.broker import BrokerOptions, connect, make_client, publish
 from controller.errors import FairsynergyError
 from controller.localbroker import LocalBroker, find_mosquitto
-from controller.operate import fitted_parameters
+from controller.operate import controller_command, fitted_parameters
 from controller.simulate import SimulatedFleet
 from controller.store import Store
 from edge_client import EdgeClient
@@ -172,20 +171,7 @@ class Demo:
         config.write_text(CONTROLLER_SETTINGS)
         self.db = self.workdir / "controller.db"
         log = (self.workdir / "controller.log").open("wb")
-        command = [
-            sys.executable,
-            "-m",
-            "controller.cli",
-            "controller",
-            "--broker",
-            self.broker.url,
-            "--fleet",
-            FLEET,
-            "--db",
-            str(self.db),
-            "--config",
-            str(config),
-        ]
+        command = controller_command(self.broker.url, FLEET, self.db, config)
         process = subprocess.Popen(command, stdout=log, stderr=log)
         self.wait_for_controller(process)
         return process

@@ -12,6 +12,7 @@ import math
 import os
 import queue
 import signal
+import sys
 import threading
 from pathlib import Path
 from typing import Any
@@ -86,6 +87,24 @@ def run_controller(args: argparse.Namespace) -> int:
     )
     controller.run(stop)
     return 0
+
+
+def controller_command(broker: str, fleet: str, db: Path, config: Path) -> list[str]:
+    """The command line that runs the daemon in a process of its own."""
+    return [
+        sys.executable,
+        "-m",
+        "controller.cli",
+        "controller",
+        "--broker",
+        broker,
+        "--fleet",
+        fleet,
+        "--db",
+        str(db),
+        "--config",
+        str(config),
+    ]
 
 
 def parse_amounts(pairs: list[str]) -> dict[str, float]:

@@ -79,7 +79,8 @@ def wait_until_subscribed(client: mqtt.Client, broker: MosquittoBroker) -> None:
     probe: queue.Queue[bytes] = queue.Queue()
     previous = client.on_message
     client.message_callback_add(
-        "fairsynergy/test/probe", lambda _c, _u, message: probe.put(message.payload)
+        "fairsynergy/test/probe",
+        lambda _c, _u, message: probe.put(bytes(message.payload)),
     )
     client.publish("fairsynergy/test/probe", b"probe", qos=1)
     try:

@@ -21,11 +21,12 @@ from pathlib import Path
 import numpy as np
 import paho.mqtt.client as paho
 import pytest
-from controller.allocate import allocate
 from paho.mqtt.enums import CallbackAPIVersion
 
 import schemas
+from controller.allocate import allocate
 from controller.audit import PoolAudit
+from controller.operate import controller_command
 from controller.simulate import SimulatedFleet
 from controller.store import Store
 from edge_client import EdgeClient
@@ -64,20 +65,7 @@ class ControllerProcess:
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
-        command = [
-            sys.executable,
-            "-m",
-            "controller.cli",
-            "controller",
-            "--broker",
-            self.broker.url,
-            "--fleet",
-            FLEET,
-            "--db",
-            str(self.db),
-            "--config",
-            str(self.config),
-        ]
+        command = controller_command(self.broker.url, FLEET, self.db, self.config)
         with self.log.open("ab") as log:
             self.process = subprocess.Popen(command, stdout=log, stderr=log)
 
@@ -302,7 +290,7 @@ def test_controller_reallocates_share_of_agent_that_left(setup):
     after = {a: sum(devices.cloud(a).values()) for a in others}
 
     assert watcher.summary is not None
-    assert leaving not in watcher.summary["agents"]  # type: ignore[operator]
+    assert leaving not in watcher.summary["agents"]
     assert sum(after.values()) > sum(before.values())
     assert watcher.audit.violations == []
 
