@@ -78,7 +78,17 @@ def add_allocate(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
 
 
 def run_allocate(args: argparse.Namespace) -> int:
-    raise FairsynergyError("allocate is not built yet")
+    import json
+
+    from controller.allocate import allocate
+    from controller.problem import load_instance, parse_alpha
+
+    problem = load_instance(args.instance)
+    if args.alpha is not None:
+        problem = problem.with_alpha(parse_alpha(args.alpha))
+    result = allocate(problem, args.policy, seed=args.seed)
+    print(json.dumps(result.to_json(), allow_nan=False))
+    return 0
 
 
 def add_broker_flags(parser: argparse.ArgumentParser, *, required: bool) -> None:

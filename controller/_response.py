@@ -1,0 +1,561 @@
+"""Every agent's best response to resource prices, in closed form, fleet-wide.
+
+The solver never loops over agents: for given prices it computes what each
+agent would buy, for all agents at once, from two small problems that both
+reduce to one piecewise-linear equation per agent.
+
+Work in logs. With price ``lambda_r = exp(eta_r)`` and a scalar multiplier
+``m``, every coordinate an agent buys freely satisfies
+``log z_r = m + log gamma_r - eta_r``; clipped to its box
+``[local + floor, local + cap]`` that reads
+``log z_r = clip(m, b_lo_r, b_hi_r) + g_r`` with ``g_r = log gamma_r - eta_r``.
+So ``L(m) = sum_r gamma_r log z_r`` is piecewise linear and non-decreasing in
+``m`` with at most ``2R`` breakpoints, and each agent's optimality condition is
+
+    rho * m - kappa * L(m) = beta
+
+with a slope ``rho - kappa * s_free >= 0``:
+
+- *demand* (below the ceiling, maximise ``w U_alpha(u) - price . z``):
+  ``m = log(w u ** (1 - alpha))``, so ``rho = 1``, ``kappa = 1 - alpha``,
+  ``beta = log w + (1 - alpha) log A``;
+- *cheapest bundle* reaching a level ``t`` (``min price . z`` subject to
+  ``u >= t``): ``rho = 0``, ``kappa = -1``, ``beta = log t - log A``.
+
+:func:`_solve_pieces` solves it exactly: first assuming no coordinate is
+clipped (the common case, one vectorised formula), then, for the agents where
+that guess leaves the box, by evaluating the equation at the breakpoints and
+interpolating inside the bracketing linear piece.
+
+Layout: per-resource arrays are ``(R, N)`` here (resource-major), the
+transpose of :class:`controller.problem.Problem`, so that every operation on
+one resource is a contiguous vector operation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Any
+from functools import cached_property
+
+import numpy as np
+import numpy.typing as npt
+
+# Arrays of the solver: floats mostly, some masks and indices.
+Array = npt.NDArray[Any]
+
+# Slopes below this count as zero: the equation is flat there (alpha = 0 with
+# elasticities summing to 1, or every coordinate clipped).
+TINY_SLOPE = 1e-13
+# Amounts beyond exp(LOG_HUGE) ~ 1e304 are treated as unbounded demand.
+LOG_HUGE = 700.0
+
+
+@dataclass(frozen=True)
+class Market:
+    """The fleet in the solver's working form (no validation, no names).
+
+    Per-resource arrays are ``(R, N)``. ``cap`` is the effective cap: never
+    above what the budget leaves once the other agents have their floors, and
+    equal to the floor where the agent has no elasticity (``cap_given`` is the
+    cap as given). ``gamma`` columns sum to at most 1. ``clip_lo`` and
+    ``clip_hi`` are ``log(local + floor)`` and ``log(local + cap)``, with
+    ``-inf`` and ``+inf`` where gamma is 0 (such coordinates never clip).
+    """
+
+    alpha: float
+    budget: Array
+    local: Array
+    floor: Array
+    cap: Array
+    cap_given: Array
+    gamma: Array
+    active: Array
+    log_gamma: Array
+    gamma_log_gamma: Array
+    gamma_sum: Array
+    log_lo: Array
+    log_hi: Array
+    clip_lo: Array
+    clip_hi: Array
+    log_u_lo: Array
+    log_u_hi: Array
+    log_scale: Array
+    log_weight: Array
+    log_ceiling: Array
+    weight: Array
+
+    @classmethod
+    def build(
+        cls,
+        *,
+        alpha: float,
+        budget: Array,
+        scale: Array,
+        gamma: Array,
+        local: Array,
+        weight: Array,
+        floor: Array,
+        cap: Array,
+        ceiling: Array,
+    ) -> Market:
+        """Derive the working arrays from ``(N, R)`` arrays as in a Problem."""
+        gamma, local, floor, cap = (
+            np.ascontiguousarray(np.asarray(a, dtype=float).T)
+            for a in (gamma, local, floor, cap)
+        )
+        sums = gamma.sum(axis=0)
+        if (sums > 1.0).any():
+            gamma = gamma / np.maximum(sums, 1.0)
+        active = gamma > 0
+        room = np.maximum(budget - floor.sum(axis=1), 0.0)
+        effective = np.minimum(cap, floor + room[:, None])
+        if active.all():
+            log_gamma = np.log(gamma)
+        else:
+            effective = np.where(active, effective, floor)
+            log_gamma = np.where(active, np.log(np.where(active, gamma, 1.0)), 0.0)
+        market = cls(
+            alpha=float(alpha),
+            budget=np.asarray(budget, dtype=float),
+            local=local,
+            floor=floor,
+            cap=effective,
+            cap_given=cap,
+            gamma=gamma,
+            active=active,
+            log_gamma=log_gamma,
+            gamma_log_gamma=(gamma * log_gamma).sum(axis=0),
+            gamma_sum=gamma.sum(axis=0),
+            log_lo=floor,
+            log_hi=floor,
+            clip_lo=floor,
+            clip_hi=floor,
+            log_u_lo=budget,
+            log_u_hi=budget,
+            log_scale=np.log(scale),
+            log_weight=np.log(weight),
+            log_ceiling=np.log(ceiling),
+            weight=np.asarray(weight, dtype=float),
+        )
+        return market.with_box(floor, effective)
+
+    @property
+    def n_agents(self) -> int:
+        """Number of agents."""
+        return int(self.local.shape[1])
+
+    @property
+    def n_resources(self) -> int:
+        """Number of resources."""
+        return int(self.local.shape[0])
+
+    def with_box(self, floor: Array, cap: Array) -> Market:
+        """The same market with other floors and (effective) caps, ``(R, N)``."""
+        with np.errstate(divide="ignore"):
+            log_lo = np.log(self.local + floor)
+            if np.isfinite(cap).any():
+                log_hi = np.log(self.local + cap)
+            else:
+                log_hi = np.full(cap.shape, np.inf)
+        clip_lo, clip_hi = log_lo, log_hi
+        if not self.active.all():
+            clip_lo = np.where(self.active, log_lo, -np.inf)
+            clip_hi = np.where(self.active, log_hi, np.inf)
+        gamma = self.gamma
+        with np.errstate(invalid="ignore"):
+            log_u_lo = self.log_scale + np.where(self.active, gamma * log_lo, 0).sum(0)
+            log_u_hi = self.log_scale + np.where(self.active, gamma * log_hi, 0).sum(0)
+        return replace(
+            self,
+            floor=floor,
+            cap=cap,
+            log_lo=log_lo,
+            log_hi=log_hi,
+            clip_lo=clip_lo,
+            clip_hi=clip_hi,
+            log_u_lo=log_u_lo,
+            log_u_hi=log_u_hi,
+        )
+
+    def subset(self, agents: Array) -> Market:
+        """The market restricted to some agents (a boolean mask or indices)."""
+        if agents.dtype == bool and agents.all():
+            return self
+        per_agent: dict[str, Any] = {}
+        for name, value in self.__dict__.items():
+            if not isinstance(value, np.ndarray) or name == "budget":
+                continue
+            per_agent[name] = value[..., agents]
+        return replace(self, **per_agent)
+
+    def log_utility(self, log_z: Array) -> Array:
+        """Uncapped ``log u`` of every agent for bundles given as ``log z``."""
+        # Callers keep log z finite on inactive coordinates: 0 * finite = 0.
+        return self.log_scale + _resource_sum(self.gamma * log_z)
+
+    def log_z_of(self, cloud: Array) -> Array:
+        """``log(local + cloud)``, with 0 on inactive coordinates."""
+        with np.errstate(divide="ignore"):
+            log_z = np.log(self.local + cloud)
+        return log_z if self.active.all() else np.where(self.active, log_z, 0.0)
+
+    def log_multiplier(self, log_u: Array) -> Array:
+        """``log(w u ** (1 - alpha))``: marginal value of ``log u`` per agent."""
+        if self.alpha == 1.0:
+            return self.log_weight.copy()
+        with np.errstate(invalid="ignore"):
+            return self.log_weight + (1.0 - self.alpha) * log_u
+
+    def value(self, log_v: Array) -> Array:
+        """``w_i U_alpha(v_i)`` from ``log v_i`` (``-inf`` at ``v = 0``, alpha >= 1)."""
+        alpha = self.alpha
+        if alpha == 1.0:
+            return self.weight * log_v
+        with np.errstate(over="ignore"):
+            return self.weight * np.exp((1.0 - alpha) * log_v) / (1.0 - alpha)
+
+
+@dataclass(frozen=True)
+class _Pieces:
+    """Per-agent data of the piecewise-linear equation at one price vector.
+
+    ``log z_r = clip(m + g_r, clip_lo_r, clip_hi_r)``; in terms of ``m`` the
+    breakpoints are ``b_lo = clip_lo - g`` and ``b_hi = clip_hi - g``.
+    """
+
+    g: Array
+    clip_lo: Array
+    clip_hi: Array
+    gamma: Array
+    gamma_g: Array
+
+    @cached_property
+    def b_lo(self) -> Array:
+        """Value of ``m`` below which each coordinate sits at its floor."""
+        with np.errstate(invalid="ignore"):
+            return self.clip_lo - self.g
+
+    @cached_property
+    def b_hi(self) -> Array:
+        """Value of ``m`` above which each coordinate sits at its cap."""
+        with np.errstate(invalid="ignore"):
+            return self.clip_hi - self.g
+
+    def agents(self, agents: Array) -> _Pieces:
+        if agents.dtype == bool:
+            agents = np.flatnonzero(agents)
+        return _Pieces(
+            np.take(self.g, agents, axis=1),
+            np.take(self.clip_lo, agents, axis=1),
+            np.take(self.clip_hi, agents, axis=1),
+            np.take(self.gamma, agents, axis=1),
+            np.take(self.gamma_g, agents),
+        )
+
+
+@dataclass(frozen=True)
+class Response:
+    """What every agent buys at one price vector (arrays ``(R, N)``).
+
+    ``log_z`` is meaningful on active coordinates only. :attr:`free` marks
+    active coordinates strictly inside their box and :attr:`coupling` is the
+    coefficient ``c_i`` of ``d log z_r / d eta_q = c_i gamma_q - [r == q]``
+    over free coordinates; both are computed on first use.
+    """
+
+    market: Market
+    pieces: _Pieces = field(repr=False)
+    cloud: Array
+    z: Array
+    log_z: Array
+    log_u: Array
+    log_m: Array
+    at_ceiling: Array
+    cheapest: Array
+
+    @property
+    def demand(self) -> Array:
+        """Total cloud amount asked for, per resource."""
+        return self.cloud.sum(axis=1)
+
+    def exact_cloud(self) -> Array:
+        """:attr:`cloud` with coordinates clipped to a bound set to it exactly.
+
+        ``exp(log(local + cap)) - local`` can miss ``cap`` by an ulp; the final
+        allocation should report an agent at its cap or floor as exactly there.
+        """
+        pieces, log_z, market = self.pieces, self.log_z, self.market
+        cloud = np.where(log_z >= pieces.clip_hi, market.cap, self.cloud)
+        return np.where(log_z <= pieces.clip_lo, market.floor, cloud)
+
+    @cached_property
+    def free(self) -> Array:
+        """Active coordinates strictly inside their box."""
+        pieces, log_z = self.pieces, self.log_z
+        return (pieces.clip_lo < log_z) & (log_z < pieces.clip_hi) & self.market.active
+
+    @cached_property
+    def gamma_free(self) -> Array:
+        """Elasticities of the free coordinates (0 elsewhere)."""
+        return self.market.gamma * self.free
+
+    @cached_property
+    def coupling(self) -> Array:
+        """``c_i``: ``-(1 - alpha) / (1 - (1 - alpha) s)`` or ``1 / s`` at a level."""
+        s_free = _resource_sum(self.gamma_free)
+        kappa = 1.0 - self.market.alpha
+        slope = np.where(self.cheapest, s_free, 1.0 - kappa * s_free)
+        top = np.where(self.cheapest, 1.0, -kappa)
+        coupling = np.zeros_like(slope)
+        np.divide(top, slope, out=coupling, where=slope > TINY_SLOPE)
+        return coupling
+
+    def jacobian(self) -> Array:
+        """``d demand_r / d eta_q`` summed over agents: an R x R matrix."""
+        z_free = self.z * self.free
+        jacobian = (z_free * self.coupling) @ self.gamma_free.T
+        return jacobian - np.diag(z_free.sum(axis=1))
+
+
+def _pieces(market: Market, log_price: Array) -> _Pieces:
+    return _Pieces(
+        g=market.log_gamma - log_price[:, None],
+        clip_lo=market.clip_lo,
+        clip_hi=market.clip_hi,
+        gamma=market.gamma,
+        gamma_g=market.gamma_log_gamma - log_price @ market.gamma,
+    )
+
+
+def best_response(market: Market, log_price: Array) -> Response:
+    """Each agent's utility-maximising purchase at prices ``exp(log_price)``.
+
+    Below its ceiling an agent equates marginal value and price; if that would
+    carry it above the ceiling it buys the cheapest bundle that reaches it.
+    """
+    pieces = _pieces(market, log_price)
+    kappa = 1.0 - market.alpha
+    beta = market.log_weight + kappa * market.log_scale
+    m = _solve_pieces(pieces, 1.0, kappa, beta, market.gamma_sum)
+    log_z = _log_bundle(market.active, pieces, m)
+    log_u = market.log_utility(log_z)
+    at_ceiling = log_u > market.log_ceiling
+
+    if at_ceiling.any():
+        agents = np.flatnonzero(at_ceiling)
+        part = pieces.agents(agents)
+        beta_c = market.log_ceiling[agents] - market.log_scale[agents]
+        m_c = _solve_pieces(part, 0.0, -1.0, beta_c, market.gamma_sum[agents])
+        m[agents] = m_c
+        log_z[:, agents] = _log_bundle(market.active[:, agents], part, m_c)
+        log_u[agents] = market.log_ceiling[agents]
+    return _assemble(market, pieces, m, log_z, log_u, at_ceiling, at_ceiling)
+
+
+def cheapest_response(
+    market: Market, log_price: Array, log_target: Array
+) -> Response:
+    """Each agent's cheapest bundle with ``u >= exp(log_target)`` at the prices.
+
+    An agent whose target is out of reach buys its whole box; one already at
+    the target on its floors buys its floors.
+    """
+    pieces = _pieces(market, log_price)
+    beta = log_target - market.log_scale
+    # Targets met on the floors, or reachable only with the whole box, sit on
+    # flat ends of the equation: answer them directly.
+    m = np.where(log_target <= market.log_u_lo, -np.inf, np.inf)
+    inside = (log_target > market.log_u_lo) & (log_target < market.log_u_hi)
+    if inside.all():
+        m = _solve_pieces(pieces, 0.0, -1.0, beta, market.gamma_sum)
+    elif inside.any():
+        agents = np.flatnonzero(inside)
+        part = pieces.agents(agents)
+        gamma_sum = market.gamma_sum[agents]
+        m[agents] = _solve_pieces(part, 0.0, -1.0, beta[agents], gamma_sum)
+    log_z = _log_bundle(market.active, pieces, m)
+    log_u = market.log_utility(log_z)
+    every = np.ones(market.n_agents, dtype=bool)
+    return _assemble(market, pieces, m, log_z, log_u, every, every)
+
+
+def _log_bundle(active: Array, pieces: _Pieces, m: Array) -> Array:
+    with np.errstate(invalid="ignore"):
+        log_z = np.minimum(np.maximum(m + pieces.g, pieces.clip_lo), pieces.clip_hi)
+    if not np.isfinite(m).all():
+        log_z = np.where(active, log_z, 0.0)
+    return log_z
+
+
+def _assemble(
+    market: Market,
+    pieces: _Pieces,
+    m: Array,
+    log_z: Array,
+    log_u: Array,
+    at_ceiling: Array,
+    cheapest: Array,
+) -> Response:
+    # Inactive coordinates have cap == floor, so the clip sets them to the floor.
+    with np.errstate(over="ignore"):
+        z = np.exp(log_z)
+    cloud = np.minimum(np.maximum(z - market.local, market.floor), market.cap)
+    return Response(
+        market=market,
+        pieces=pieces,
+        cloud=cloud,
+        z=z,
+        log_z=log_z,
+        log_u=log_u,
+        log_m=m,
+        at_ceiling=at_ceiling,
+        cheapest=cheapest,
+    )
+
+
+def _solve_pieces(
+    pieces: _Pieces,
+    rho: float,
+    kappa: float,
+    beta: Array,
+    gamma_sum: Array,
+) -> Array:
+    """Solve ``rho m - kappa sum_r gamma_r (clip(m, b_lo_r, b_hi_r) + g_r) = beta``.
+
+    The left side is continuous, piecewise linear and non-decreasing in ``m``.
+    Returns ``+inf`` (``-inf``) where it stays below (above) ``beta`` for ever;
+    on a flat piece that equals ``beta`` any point of it is returned.
+
+    Three tiers, each exact where it applies: the formula with no coordinate
+    clipped; a few Newton steps, each of which solves the linear piece it
+    starts on and is kept when it lands on that same piece; and, for the few
+    agents left, evaluation at every breakpoint.
+    """
+    offset = beta + kappa * pieces.gamma_g
+    slope = rho - kappa * gamma_sum
+    with np.errstate(divide="ignore", invalid="ignore"):
+        m = offset / slope
+        t = m + pieces.g
+    inside = ((pieces.clip_lo <= t) & (t <= pieces.clip_hi)).all(axis=0)
+    inside &= slope > TINY_SLOPE
+    if inside.all():
+        return m
+
+    agents = np.flatnonzero(~inside)
+    start = m[agents]
+    start = np.where(np.isfinite(start), start, 0.0)
+    found, m_part = _newton_on_pieces(
+        pieces.agents(agents), rho, kappa, offset[agents], start
+    )
+    m[agents] = m_part
+    if not found.all():
+        left = agents[~found]
+        m[left] = _solve_by_breakpoints(pieces.agents(left), rho, kappa, beta[left])
+    return m
+
+
+def _newton_on_pieces(
+    pieces: _Pieces, rho: float, kappa: float, offset: Array, m: Array
+) -> tuple[Array, Array]:
+    # The equation is h(m) = rho m - kappa sum_r gamma_r clip(m, ...) - offset.
+    # A Newton step solves the linear piece it starts on; when it lands on that
+    # same piece (no coordinate changes side) it is the exact root.
+    found = np.zeros(m.shape, dtype=bool)
+    b_lo, b_hi, gamma = pieces.b_lo, pieces.b_hi, pieces.gamma
+    for _ in range(3):
+        low, high = m <= b_lo, m >= b_hi
+        clipped = np.minimum(np.maximum(m, b_lo), b_hi)
+        slope = rho - kappa * _resource_sum(gamma * ~(low | high))
+        h = rho * m - kappa * _resource_sum(gamma * clipped) - offset
+        with np.errstate(divide="ignore", invalid="ignore"):
+            step = m - h / slope
+        same = ((step <= b_lo) == low) & ((step >= b_hi) == high)
+        ok = (slope > TINY_SLOPE) & same.all(axis=0) & ~found
+        m = np.where(found | ~np.isfinite(step), m, step)
+        found |= ok
+        if found.all():
+            break
+    return found, m
+
+
+def _resource_sum(x: Array) -> Array:
+    """Sum over resources (axis 0) by adding rows: faster than a reduction."""
+    total = x[0].copy()
+    for row in x[1:]:
+        total += row
+    return total
+
+
+def _solve_by_breakpoints(
+    pieces: _Pieces, rho: float, kappa: float, beta: Array
+) -> Array:
+    # Evaluate the equation at every finite breakpoint (infinite ones replaced
+    # by 0: an extra evaluation point does no harm). Between the largest point
+    # below the root and the smallest point above it there is no breakpoint,
+    # so the equation is linear there and interpolation is exact.
+    points = np.concatenate([pieces.b_lo, pieces.b_hi], axis=0)
+    points = np.where(np.isfinite(points), points, 0.0)
+    h = np.stack([_residual(p, pieces, rho, kappa, beta) for p in points], axis=0)
+    below = h < 0
+    left = np.where(below, points, -np.inf).argmax(axis=0)
+    right = np.where(below, np.inf, points).argmin(axis=0)
+    agents = np.arange(points.shape[1])
+    p_left, h_left = points[left, agents], h[left, agents]
+    p_right, h_right = points[right, agents], h[right, agents]
+    has_left, has_right = below.any(axis=0), (~below).any(axis=0)
+
+    m = np.empty(points.shape[1])
+    both = has_left & has_right
+    m[both] = p_left[both] - h_left[both] * (p_right[both] - p_left[both]) / (
+        h_right[both] - h_left[both]
+    )
+    only_right = ~has_left
+    m[only_right] = _extrapolate(
+        p_right[only_right] - 1.0,
+        p_right[only_right],
+        h_right[only_right],
+        pieces.agents(only_right),
+        rho,
+        kappa,
+        -np.inf,
+    )
+    only_left = ~has_right
+    m[only_left] = _extrapolate(
+        p_left[only_left] + 1.0,
+        p_left[only_left],
+        h_left[only_left],
+        pieces.agents(only_left),
+        rho,
+        kappa,
+        np.inf,
+    )
+    return m
+
+
+def _residual(
+    point: Array, pieces: _Pieces, rho: float, kappa: float, beta: Array
+) -> Array:
+    clipped = np.minimum(np.maximum(point, pieces.b_lo), pieces.b_hi)
+    with np.errstate(invalid="ignore"):
+        level = (pieces.gamma * (clipped + pieces.g)).sum(axis=0)
+    return rho * point - kappa * level - beta
+
+
+def _extrapolate(
+    probe: Array,
+    point: Array,
+    h: Array,
+    pieces: _Pieces,
+    rho: float,
+    kappa: float,
+    flat_answer: float,
+) -> Array:
+    # Beyond the outermost point no breakpoint is left, so the free set seen at
+    # a probe one unit further out holds all the way.
+    free = (pieces.b_lo < probe) & (probe < pieces.b_hi)
+    slope = rho - kappa * np.where(free, pieces.gamma, 0.0).sum(axis=0)
+    flat = slope <= TINY_SLOPE
+    with np.errstate(divide="ignore", invalid="ignore"):
+        m = point - h / slope
+    return np.where(flat, np.where(h == 0, point, flat_answer), m)
