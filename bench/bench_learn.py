@@ -18,7 +18,7 @@ It measures, for 1, 2 and 3 resources:
 3. memory: bytes per agent held by a ``FleetLearner`` of 1,000 agents
    (tracemalloc), and the size of one agent's saved state as JSON.
 
-Timings are the best of several repeats (the machine is shared); the
+Timings are the best of 15 repeats (the machine is shared); the
 numbers are copied into docs/learning.md with the machine they ran on.
 """
 
@@ -64,19 +64,19 @@ def stream(resources: tuple[str, ...], n: int, ceiling: float = 1.0) -> list[Any
     ]
 
 
-def per_call(function: Any, calls: int, repeat: int = 7) -> float:
+def per_call(function: Any, calls: int, repeat: int = 15) -> float:
     """Best-of-``repeat`` microseconds per call."""
     return min(timeit.repeat(function, number=calls, repeat=repeat)) / calls * 1e6
 
 
 def bench_update(resources: tuple[str, ...], calls: int) -> dict[str, float]:
-    samples = stream(resources, calls * 8)
+    samples = stream(resources, calls * 16)
     learner = UtilityLearner(resources)
     feed = iter(samples)
     plain = per_call(lambda: learner.learn_one(*next(feed)), calls)
 
     ceiling = float(np.median([y for _, y in samples]))
-    censored_samples = stream(resources, calls * 8, ceiling)
+    censored_samples = stream(resources, calls * 16, ceiling)
     censoring = UtilityLearner(resources, ceiling=ceiling)
     feed = iter(censored_samples)
     censored = per_call(lambda: censoring.learn_one(*next(feed)), calls)
