@@ -283,16 +283,28 @@ class BrokerDrops:
 
     def __init__(self, broker: LocalBroker) -> None:
         self.value = -1
+        self.updates = 0
         self.client = RawClient(broker.host, broker.port, "bench-sys", self._on)
         self.client.subscribe(self.TOPIC)
 
     def _on(self, _topic: str, payload: bytes, _at: float) -> None:
         self.value = int(payload)
+        self.updates += 1
 
     def read(self) -> int:
-        """The count, after waiting for a fresh one."""
-        time.sleep(SYS_INTERVAL_S + 0.2)
+        """The count, once the broker has published it again (or after 3 s).
+
+        Mosquitto publishes the count only when it changed, so a count that
+        stands still is not republished: the wait is then the full 3 s.
+        """
+        seen = self.updates
+        deadline = time.monotonic() + 3 * SYS_INTERVAL_S
+        while self.updates == seen and time.monotonic() < deadline:
+            time.sleep(0.05)
         return self.value
+
+    def close(self) -> None:
+        self.client.close()
 
 
 # -- the daemon -------------------------------------------------------------
@@ -762,12 +774,16 @@ def budget_for(agents: int) -> dict[str, float]:
 
 
 def run_fleet(
-    broker: LocalBroker, workdir: Path, agents: int, plan: Plan, profile: Path | None
+    broker: LocalBroker,
+    drops: BrokerDrops,
+    workdir: Path,
+    agents: int,
+    plan: Plan,
+    profile: Path | None,
 ) -> dict[str, Any]:
     """Every measurement for one fleet size, on a fleet of its own."""
     fleet = f"bench{agents}"
     result: dict[str, Any] = {"agents": agents}
-    drops = BrokerDrops(broker)
     generators = Generators(broker.host, broker.port, fleet, agents)
     probe = Probe(broker.host, broker.port, fleet)
     daemon = Daemon(broker.url, fleet, workdir, profile=profile)
@@ -814,7 +830,6 @@ def run_fleet(
         daemon.stop()
         generators.stop()
         probe.close()
-        drops.client.close()
     return result
 
 
@@ -1083,16 +1098,19 @@ def main() -> None:
         (work / "broker").mkdir()
         broker = LocalBroker(find_mosquitto(), work / "broker", BROKER_CONFIG, 1)
         broker.start()
+        drops = BrokerDrops(broker)
         try:
             for agents in plan.sizes:
-                (work / str(agents)).mkdir()
+                where = work / str(agents)
+                where.mkdir()
                 results.append(
-                    run_fleet(broker, work / str(agents), agents, plan, args.profile)
+                    run_fleet(broker, drops, where, agents, plan, args.profile)
                 )
             empty = []
             if plan.empty_restarts and not args.profile:
                 empty = empty_restarts(broker, work / "empty", plan.restarts)
         finally:
+            drops.close()
             broker.stop()
     info["load average after"] = load_average()
 

@@ -44,6 +44,10 @@ MAX_NEWTON = 60
 MAX_STEP = 4.0
 # Prices more than e ** PRICE_RANGE below the first guess count as zero.
 PRICE_RANGE = 100.0
+# A first guess leaving this share of a budget unsold triggers the slack
+# check at once; a price falling by e ** SLACK_DROP with budget unsold, later.
+SLACK_HINT = 0.5
+SLACK_DROP = 8.0
 # Smallest log-price resolution of the one-dimensional searches.
 XTOL = 1e-13
 # A budget that runs out is filled to within this relative margin, so that no
@@ -63,21 +67,26 @@ class Prepared:
 
 @dataclass(frozen=True)
 class Solution:
-    """Cloud amounts ``(R, N)`` for every agent of the market, prices, certificate."""
+    """Cloud amounts ``(R, N)`` for every agent of the market, prices, certificate.
+
+    ``log_v`` is every agent's capped log utility under ``cloud`` (``-inf``
+    for agents set aside with utility 0).
+    """
 
     cloud: Array
     price: Array
     certificate: dict[str, float]
+    log_v: Array
 
 
 def prepare(market: Market) -> Prepared:
     """Set aside hopeless agents and fix resources with no room to share."""
-    live = ~(market.active & (market.local + market.cap <= 0)).any(axis=0)
+    live = np.asarray(~(market.active & (market.local + market.cap <= 0)).any(axis=0))
     sub = market
     if not live.all():
         floors_aside = np.where(live, 0.0, market.floor).sum(axis=1)
         sub = replace(market.subset(live), budget=market.budget - floors_aside)
-    priced = (sub.active & (sub.cap > sub.floor)).any(axis=1)
+    priced = np.asarray((sub.active & (sub.cap > sub.floor)).any(axis=1))
     zero_price = np.zeros(market.n_resources, dtype=bool)
     return Prepared(market=sub, live=live, priced=priced, zero_price=zero_price)
 
@@ -132,18 +141,22 @@ def _saturation(market: Market) -> Array:
 def first_log_price(market: Market) -> Array:
     """A price guess: the marginal values at an even split, summed per resource.
 
-    Exact for alpha = 1 when no box or ceiling binds.
+    With multipliers ``M_i = w_i u_i ** (1 - alpha)`` held fixed, agents buy
+    ``z_ir = M_i gamma_ir / lambda_r``, so ``lambda_r = sum_i M_i gamma_ir /
+    sum_i z_ir``: exact for alpha = 1 when no box or ceiling binds.
     """
     room = np.maximum(market.budget - market.floor.sum(axis=1), 0.0)
     cloud = np.minimum(market.floor + (room / market.n_agents)[:, None], market.cap)
-    z = market.local + cloud
     log_u = np.minimum(market.log_utility(market.log_z_of(cloud)), market.log_ceiling)
     log_m = market.log_multiplier(log_u)
-    log_terms = np.where(market.active, log_m + market.log_gamma, -np.inf)
-    top = log_terms.max(axis=1)
-    top = np.where(np.isfinite(top), top, 0.0)
-    log_sum = top + np.log(np.exp(log_terms - top[:, None]).sum(axis=1) + 1e-300)
-    return np.clip(log_sum - np.log(z.sum(axis=1)), -300.0, 300.0)
+    shift = float(np.max(log_m[np.isfinite(log_m)], initial=0.0))
+    with np.errstate(over="ignore"):
+        weight = np.exp(np.nan_to_num(log_m - shift, nan=-np.inf))
+    wanted = market.gamma @ weight
+    held = (market.local + cloud).sum(axis=1)
+    with np.errstate(divide="ignore"):
+        log_price = np.log(wanted) + shift - np.log(held)
+    return np.asarray(np.clip(np.nan_to_num(log_price, nan=0.0), -300.0, 300.0))
 
 
 @dataclass(frozen=True)
@@ -194,7 +207,8 @@ class _Dual:
         response, market = e.response, self.market
         if not (e.excess[self.priced] <= 0).all():
             return False
-        capped = ((market.cap <= response.cloud) | ~market.active).all(axis=0)
+        at_cap = response.log_z >= response.pieces.clip_hi
+        capped = (at_cap | ~market.active).all(axis=0)
         return bool((response.at_ceiling | capped).all())
 
 
@@ -208,44 +222,74 @@ def solve_fair(market: Market, log_price0: Array | None = None) -> Solution:
     start = np.where(prepared.priced, start, 0.0)
     floor, ceiling = start - PRICE_RANGE, start + 2 * PRICE_RANGE
     dual = _Dual(prepared, floor)
-    if sub.n_agents and (dual.at(start).excess[prepared.priced] <= 0).any():
-        # Some resource is not short at the first guess: it may be slack.
+    unsold = dual.at(start).excess <= -SLACK_HINT * sub.budget
+    if sub.n_agents and unsold[prepared.priced].any():
+        # Half a budget unsold at the first guess: that resource may be slack.
         prepared = settle_slack(prepared)
         dual = _Dual(prepared, floor)
 
-    blend, fallback = _search(dual, start, ceiling)
-    cloud_live, price, certificate = _recover(dual, blend)
+    try:
+        blend, fallback = _search(dual, start, ceiling)
+    except _SlackSuspectedError:
+        prepared = settle_slack(prepared)
+        dual = _Dual(prepared, floor)
+        blend, fallback = _search(dual, start, ceiling, suspect=False)
+    cloud_live, log_v_live, price, certificate = _recover(dual, blend)
     certificate["fallback"] = fallback
-    cloud = cloud_live
+    cloud, log_v = cloud_live, log_v_live
     if not prepared.live.all():
-        cloud = market.floor.copy()
-        cloud[:, prepared.live] = cloud_live
+        cloud, log_v = widen(market, prepared.live, cloud_live, log_v_live)
     price = np.where(prepared.zero_price, 0.0, price)
     fixed = ~prepared.priced & ~prepared.zero_price
     if fixed.any():
         price[fixed] = _support_price(market, cloud)[fixed]
-    return Solution(cloud=cloud, price=price, certificate=certificate)
+    return Solution(cloud=cloud, price=price, certificate=certificate, log_v=log_v)
 
 
-def _search(dual: _Dual, start: Array, ceiling: Array) -> tuple[Blend, float]:
+def widen(
+    market: Market, live: Array, cloud_live: Array, log_v_live: Array
+) -> tuple[Array, Array]:
+    """Put the agents set aside back: floors, and utility 0."""
+    cloud = market.floor.copy()
+    cloud[:, live] = cloud_live
+    log_v = np.full(market.n_agents, -np.inf)
+    log_v[live] = log_v_live
+    return cloud, log_v
+
+
+class _SlackSuspectedError(Exception):
+    """Newton is walking a price down towards zero: check for slack first."""
+
+
+def _search(
+    dual: _Dual, start: Array, ceiling: Array, *, suspect: bool = True
+) -> tuple[Blend, float]:
     # The float says whether the nested fallback had to replace Newton.
     priced = np.flatnonzero(dual.priced)
     if priced.size == 0 or dual.market.n_agents == 0:
         e = dual.at(start)
         return Blend.single(e.response.demand, start), 0.0
     if priced.size >= 2:
-        found = _newton(dual, start)
+        found = _newton(dual, start, start - SLACK_DROP if suspect else None)
         if found is not None:
             return Blend.single(found.response.demand, found.log_price), 0.0
         return _nested(dual, start, ceiling), 1.0
     return _nested(dual, start, ceiling), 0.0
 
 
-def _newton(dual: _Dual, start: Array) -> _Eval | None:
-    """Damped Newton on the dual in log prices; None if it does not converge."""
+def _newton(dual: _Dual, start: Array, watch: Array | None) -> _Eval | None:
+    """Damped Newton on the dual in log prices; None if it does not converge.
+
+    Raises :class:`_SlackSuspectedError` when a price with unsold budget falls below
+    ``watch``: walking it down to zero in bounded steps would be slow, and the
+    slack check settles such resources directly.
+    """
     e = dual.at(start)
     best, stalls = math.inf, 0
     for _ in range(MAX_NEWTON):
+        unsold = dual.priced & (e.excess < 0)
+        if watch is not None and (unsold & (e.log_price < watch)).any():
+            raise _SlackSuspectedError
         residual = dual.residual(e)
         if residual <= CLEAR_TOL or dual.everyone_at_most(e):
             return e
@@ -326,9 +370,7 @@ def _nested(dual: _Dual, start: Array, ceiling: Array) -> Blend:
     )
 
 
-def _recover(
-    dual: _Dual, blend: Blend
-) -> tuple[Array, Array, dict[str, float]]:
+def _recover(dual: _Dual, blend: Blend) -> tuple[Array, Array, Array, dict[str, float]]:
     market = dual.market
     if len(blend.parts) == 1:
         e = dual.at(blend.parts[0][1])
@@ -351,8 +393,8 @@ def _recover(
     residual = np.where(dual.priced & ~zero, relative, 0.0).max(initial=0.0)
 
     trimmed = trim_to_budget(cloud, market.floor, market.cap, market.budget)
-    log_u = market.log_utility(market.log_z_of(trimmed))
-    values = market.value(np.minimum(log_u, market.log_ceiling))
+    log_v = np.minimum(market.log_utility(market.log_z_of(trimmed)), market.log_ceiling)
+    values = market.value(log_v)
     objective = float(values.sum())
     price = np.where(dual.priced & ~zero, np.exp(log_price), 0.0)
     gap = best_dual - objective if dual.priced.any() and not saturated else 0.0
@@ -363,12 +405,10 @@ def _recover(
         "budget_residual": float(residual),
         "iterations": float(dual.evaluations),
     }
-    return trimmed, price, certificate
+    return trimmed, log_v, price, certificate
 
 
-def trim_to_budget(
-    cloud: Array, floor: Array, cap: Array, budget: Array
-) -> Array:
+def trim_to_budget(cloud: Array, floor: Array, cap: Array, budget: Array) -> Array:
     """Clip amounts into their boxes and keep every budget strictly respected.
 
     Arrays are ``(R, N)``. A budget that is used up is filled to within a
@@ -405,4 +445,4 @@ def _support_price(market: Market, cloud: Array) -> Array:
     with np.errstate(invalid="ignore", over="ignore"):
         marginal = np.exp(log_m + market.log_gamma - log_z)
     marginal = np.where(wants & np.isfinite(marginal), marginal, 0.0)
-    return marginal.max(axis=1, initial=0.0)
+    return np.asarray(marginal.max(axis=1, initial=0.0))

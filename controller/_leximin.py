@@ -34,9 +34,9 @@ from controller._dual import (
     prepare,
     settle_slack,
     trim_to_budget,
+    widen,
 )
 from controller._response import (
-    Array,
     Array,
     Market,
     Response,
@@ -104,7 +104,8 @@ def solve_leximin(market: Market) -> Solution:
     certificate = {"rounds": 0.0, "maxmin_gap": 0.0, "iterations": 0.0}
     price = np.zeros(market.n_resources)
     if sub.n_agents == 0:
-        return Solution(cloud=cloud, price=price, certificate=certificate)
+        log_v = np.full(market.n_agents, -np.inf)
+        return Solution(cloud=cloud, price=price, certificate=certificate, log_v=log_v)
 
     log_max = np.minimum(sub.log_ceiling, sub.log_utility(_finite(sub.log_hi)))
     state = _Round(
@@ -119,7 +120,7 @@ def solve_leximin(market: Market) -> Solution:
     log_floor = sub.log_utility(_finite(sub.log_lo))
     log_t = float(np.clip(log_floor, -700.0, log_max).min())
 
-    live_cloud = sub.floor
+    live_cloud, log_v = sub.floor, log_floor
     while not state.frozen.all():
         blend = _max_min(levels, state, start, log_t)
         live_cloud, log_v, marginal, key = _settle_round(levels, state, blend)
@@ -132,9 +133,9 @@ def solve_leximin(market: Market) -> Solution:
         start = key[:-1]
 
     certificate["iterations"] = float(levels.evaluations)
-    cloud[:, prepared.live] = live_cloud
+    cloud, log_v = widen(market, prepared.live, live_cloud, log_v)
     price = np.where(prepared.zero_price, 0.0, price)
-    return Solution(cloud=cloud, price=price, certificate=certificate)
+    return Solution(cloud=cloud, price=price, certificate=certificate, log_v=log_v)
 
 
 def _max_min(levels: _Levels, state: _Round, start: Array, log_t: float) -> Blend:
@@ -155,7 +156,7 @@ def _max_min(levels: _Levels, state: _Round, start: Array, log_t: float) -> Blen
     for _ in range(indices.size):
         start = np.where(priced, start - start[reference], 0.0)
         blend = _max_min_from(levels, state, start, log_t, reference)
-        key = sum(weight * part for weight, part in blend.parts)[:-1]
+        key = _mean_key(blend)[:-1]
         pressed = [
             (_balanced_excess(levels, blend, int(q)), int(q))
             for q in indices
@@ -207,7 +208,7 @@ def _balanced_excess(levels: _Levels, blend: Blend, q: int) -> float:
     ``e_q (1 / B_q + mu_q / sum_{r != q} mu_r B_r)``: same sign, same zero.
     """
     budget, priced = levels.market.budget, levels.priced
-    key = sum(weight * part for weight, part in blend.parts)
+    key = _mean_key(blend)
     others = priced.copy()
     others[q] = False
     mu = np.where(others, np.exp(key[:-1]), 0.0)
@@ -242,7 +243,7 @@ def _newton_with_free(
             others = [
                 int(q)
                 for q in priced
-                if q != reference and spare[_index(priced, q)] > -np.inf
+                if q != reference and spare[_index(priced, int(q))] > -np.inf
             ]
             reference = max(others, key=lambda q: key[q])
             key[priced] -= key[reference]
@@ -438,7 +439,7 @@ def _level_prices(
     by ``mu_r / sum_i nu_i``. Zero when no such agent exists (everyone is at
     their own maximum) and for resources with budget left over.
     """
-    key = sum(weight * part for weight, part in blend.parts)
+    key = _mean_key(blend)
     mu = np.where(levels.priced, np.exp(key[:-1]), 0.0)
     mu = mu / max(mu.sum(), 1e-300)
     holding = ~state.frozen & (state.log_max > log_t + AT_MAX)
@@ -447,9 +448,7 @@ def _level_prices(
     return np.where(spare | (total <= 0), 0.0, mu / max(total, 1e-300))
 
 
-def _maxmin_gap(
-    levels: _Levels, state: _Round, key: Array, log_v: Array
-) -> float:
+def _maxmin_gap(levels: _Levels, state: _Round, key: Array, log_v: Array) -> float:
     """Relative gap between an upper bound on the max-min level and the reached one.
 
     ``T(mu)`` at the final prices bounds the max-min level from above, and so
@@ -460,6 +459,11 @@ def _maxmin_gap(
     bound = max(float(part[-1]) for _, part in upper.parts)
     bound = min(bound, float(state.log_max.min()))
     return math.expm1(bound - reached) if bound > reached else 0.0
+
+
+def _mean_key(blend: Blend) -> Array:
+    """The weighted mean of a blend's keys (log prices, then log level)."""
+    return np.asarray(np.sum([weight * part for weight, part in blend.parts], axis=0))
 
 
 def _finite(log_x: Array) -> Array:

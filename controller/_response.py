@@ -35,8 +35,8 @@ one resource is a contiguous vector operation.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import Any
 from functools import cached_property
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -78,8 +78,6 @@ class Market:
     log_hi: Array
     clip_lo: Array
     clip_hi: Array
-    log_u_lo: Array
-    log_u_hi: Array
     log_scale: Array
     log_weight: Array
     log_ceiling: Array
@@ -131,11 +129,9 @@ class Market:
             log_hi=floor,
             clip_lo=floor,
             clip_hi=floor,
-            log_u_lo=budget,
-            log_u_hi=budget,
             log_scale=np.log(scale),
-            log_weight=np.log(weight),
-            log_ceiling=np.log(ceiling),
+            log_weight=_log_unless_ones(weight),
+            log_ceiling=_log_unless_ones(ceiling),
             weight=np.asarray(weight, dtype=float),
         )
         return market.with_box(floor, effective)
@@ -162,10 +158,6 @@ class Market:
         if not self.active.all():
             clip_lo = np.where(self.active, log_lo, -np.inf)
             clip_hi = np.where(self.active, log_hi, np.inf)
-        gamma = self.gamma
-        with np.errstate(invalid="ignore"):
-            log_u_lo = self.log_scale + np.where(self.active, gamma * log_lo, 0).sum(0)
-            log_u_hi = self.log_scale + np.where(self.active, gamma * log_hi, 0).sum(0)
         return replace(
             self,
             floor=floor,
@@ -174,8 +166,6 @@ class Market:
             log_hi=log_hi,
             clip_lo=clip_lo,
             clip_hi=clip_hi,
-            log_u_lo=log_u_lo,
-            log_u_hi=log_u_hi,
         )
 
     def subset(self, agents: Array) -> Market:
@@ -188,6 +178,25 @@ class Market:
                 continue
             per_agent[name] = value[..., agents]
         return replace(self, **per_agent)
+
+    @cached_property
+    def all_active(self) -> bool:
+        """Whether every agent has a positive elasticity for every resource."""
+        return bool(self.active.all())
+
+    @cached_property
+    def log_u_lo(self) -> Array:
+        """``log u`` of every agent on its floors (``-inf`` if one is empty)."""
+        with np.errstate(invalid="ignore"):
+            terms = np.where(self.active, self.gamma * self.log_lo, 0.0)
+        return np.asarray(self.log_scale + terms.sum(axis=0))
+
+    @cached_property
+    def log_u_hi(self) -> Array:
+        """``log u`` of every agent with its whole box (``inf`` if unbounded)."""
+        with np.errstate(invalid="ignore"):
+            terms = np.where(self.active, self.gamma * self.log_hi, 0.0)
+        return np.asarray(self.log_scale + terms.sum(axis=0))
 
     def log_utility(self, log_z: Array) -> Array:
         """Uncapped ``log u`` of every agent for bundles given as ``log z``."""
@@ -214,6 +223,12 @@ class Market:
             return self.weight * log_v
         with np.errstate(over="ignore"):
             return self.weight * np.exp((1.0 - alpha) * log_v) / (1.0 - alpha)
+
+
+def _log_unless_ones(x: Array) -> Array:
+    # Weights and ceilings are usually all 1 (the defaults): skip the logs.
+    x = np.asarray(x, dtype=float)
+    return np.zeros_like(x) if (x == 1.0).all() else np.log(x)
 
 
 @dataclass(frozen=True)
@@ -277,7 +292,7 @@ class Response:
     @property
     def demand(self) -> Array:
         """Total cloud amount asked for, per resource."""
-        return self.cloud.sum(axis=1)
+        return np.asarray(self.cloud.sum(axis=1))
 
     def exact_cloud(self) -> Array:
         """:attr:`cloud` with coordinates clipped to a bound set to it exactly.
@@ -287,7 +302,8 @@ class Response:
         """
         pieces, log_z, market = self.pieces, self.log_z, self.market
         cloud = np.where(log_z >= pieces.clip_hi, market.cap, self.cloud)
-        return np.where(log_z <= pieces.clip_lo, market.floor, cloud)
+        cloud = np.where(log_z <= pieces.clip_lo, market.floor, cloud)
+        return np.minimum(np.maximum(cloud, market.floor), market.cap)
 
     @cached_property
     def free(self) -> Array:
@@ -353,9 +369,7 @@ def best_response(market: Market, log_price: Array) -> Response:
     return _assemble(market, pieces, m, log_z, log_u, at_ceiling, at_ceiling)
 
 
-def cheapest_response(
-    market: Market, log_price: Array, log_target: Array
-) -> Response:
+def cheapest_response(market: Market, log_price: Array, log_target: Array) -> Response:
     """Each agent's cheapest bundle with ``u >= exp(log_target)`` at the prices.
 
     An agent whose target is out of reach buys its whole box; one already at
@@ -385,7 +399,7 @@ def _log_bundle(active: Array, pieces: _Pieces, m: Array) -> Array:
         log_z = np.minimum(np.maximum(m + pieces.g, pieces.clip_lo), pieces.clip_hi)
     if not np.isfinite(m).all():
         log_z = np.where(active, log_z, 0.0)
-    return log_z
+    return np.asarray(log_z)
 
 
 def _assemble(
@@ -397,10 +411,14 @@ def _assemble(
     at_ceiling: Array,
     cheapest: Array,
 ) -> Response:
-    # Inactive coordinates have cap == floor, so the clip sets them to the floor.
+    # log z is clipped to the box already, so z - local is inside it up to
+    # rounding (exact_cloud snaps the bounds for the final answer). Inactive
+    # coordinates were not clipped: they get their floor.
     with np.errstate(over="ignore"):
         z = np.exp(log_z)
-    cloud = np.minimum(np.maximum(z - market.local, market.floor), market.cap)
+    cloud = z - market.local
+    if not market.all_active:
+        cloud = np.where(market.active, cloud, market.floor)
     return Response(
         market=market,
         pieces=pieces,
@@ -481,7 +499,7 @@ def _newton_on_pieces(
 
 def _resource_sum(x: Array) -> Array:
     """Sum over resources (axis 0) by adding rows: faster than a reduction."""
-    total = x[0].copy()
+    total: Array = x[0].copy()
     for row in x[1:]:
         total += row
     return total
@@ -503,7 +521,8 @@ def _solve_by_breakpoints(
     agents = np.arange(points.shape[1])
     p_left, h_left = points[left, agents], h[left, agents]
     p_right, h_right = points[right, agents], h[right, agents]
-    has_left, has_right = below.any(axis=0), (~below).any(axis=0)
+    has_left = np.asarray(below.any(axis=0))
+    has_right = np.asarray((~below).any(axis=0))
 
     m = np.empty(points.shape[1])
     both = has_left & has_right
@@ -539,7 +558,7 @@ def _residual(
     clipped = np.minimum(np.maximum(point, pieces.b_lo), pieces.b_hi)
     with np.errstate(invalid="ignore"):
         level = (pieces.gamma * (clipped + pieces.g)).sum(axis=0)
-    return rho * point - kappa * level - beta
+    return np.asarray(rho * point - kappa * level - beta)
 
 
 def _extrapolate(

@@ -22,7 +22,7 @@ the max-min level (alpha = inf). ``docs/allocation.md`` has the maths.
 ...     ],
 ... })
 >>> result = allocate(problem)
->>> result.cloud.round(12).tolist(), result.prices.round(12).tolist()
+>>> result.cloud.round(9).tolist(), result.prices.round(9).tolist()
 ([[1.0], [1.0]], [0.5])
 """
 
@@ -122,8 +122,9 @@ def allocate(
         )
     started = time.perf_counter()
     certificate: dict[str, float] = {}
+    utility = None
     if policy == "fair":
-        cloud, found, certificate = _solve(problem, prices)
+        cloud, found, certificate, utility = _solve(problem, prices)
     elif policy == "sequential":
         cloud, found = baselines.sequential(problem)
     else:
@@ -131,7 +132,8 @@ def allocate(
         found = np.full(problem.n_resources, math.nan)
     certificate["solve_seconds"] = time.perf_counter() - started
 
-    utility = capped_utility(problem, cloud)
+    if utility is None:
+        utility = capped_utility(problem, cloud)
     unused = np.maximum(problem.budget - cloud.sum(axis=0), 0.0)
     return Allocation(
         problem=problem,
@@ -162,17 +164,17 @@ def market_of(problem: Problem) -> Market:
 
 def solve_market(
     market: Market, alpha: float, log_price: FloatArray | None = None
-) -> tuple[FloatArray, FloatArray, dict[str, float]]:
-    """Fair allocation ``(R, N)``, prices and certificate of a working market."""
+) -> tuple[FloatArray, FloatArray, dict[str, float], FloatArray]:
+    """Fair cloud ``(R, N)``, prices, certificate and log utilities of a market."""
     solution = (
         solve_fair(market, log_price) if math.isfinite(alpha) else solve_leximin(market)
     )
-    return solution.cloud, solution.price, solution.certificate
+    return solution.cloud, solution.price, solution.certificate, solution.log_v
 
 
 def _solve(
     problem: Problem, prices: FloatArray | None
-) -> tuple[FloatArray, FloatArray, dict[str, float]]:
+) -> tuple[FloatArray, FloatArray, dict[str, float], FloatArray]:
     log_price = None
     if prices is not None:
         given = np.asarray(prices, dtype=float)
@@ -182,10 +184,9 @@ def _solve(
             )
         with np.errstate(divide="ignore", invalid="ignore"):
             log_price = np.where(given > 0, np.log(given), np.nan)
-    cloud, found, certificate = solve_market(
-        market_of(problem), problem.alpha, log_price
-    )
-    return np.ascontiguousarray(cloud.T), found, certificate
+    market = market_of(problem)
+    cloud, found, certificate, log_v = solve_market(market, problem.alpha, log_price)
+    return np.ascontiguousarray(cloud.T), found, certificate, np.exp(log_v)
 
 
 def capped_utility(problem: Problem, cloud: FloatArray) -> FloatArray:

@@ -74,7 +74,7 @@ def water_fill(
     level = kinks[piece] + (budget - totals[piece]) / max(slopes[piece], 1e-300)
     cloud = np.clip(level * rate - offset, floor, cap)
     box = (cloud[None, :], floor[None, :], cap[None, :], np.array([budget]))
-    return trim_to_budget(*box)[0]
+    return np.asarray(trim_to_budget(*box)[0])
 
 
 def sequential(problem: Problem) -> tuple[Array, Array]:
@@ -87,6 +87,6 @@ def sequential(problem: Problem) -> tuple[Array, Array]:
     for r in range(problem.n_resources):
         floor, cap = cloud.copy(), cloud.copy()
         floor[r], cap[r] = market.floor[r], market.cap[r]
-        step, price, _ = solve_market(market.with_box(floor, cap), problem.alpha)
+        step, price, _, _ = solve_market(market.with_box(floor, cap), problem.alpha)
         cloud[r], prices[r] = step[r], price[r]
     return np.ascontiguousarray(cloud.T), prices

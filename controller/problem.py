@@ -25,7 +25,7 @@ import json
 import math
 import re
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -189,19 +189,16 @@ def _check_values(problem: Problem) -> None:
 
 
 def _check_agent_numbers(p: Problem) -> None:
+    positive, non_negative = "a finite number > 0", "a finite number >= 0"
+    rules: tuple[tuple[str, FloatArray, str, Callable[[FloatArray], BoolArray]], ...]
     rules = (
-        ("scale", p.scale, "a finite number > 0", lambda a: np.isfinite(a) & (a > 0)),
-        ("weight", p.weight, "a finite number > 0", lambda a: np.isfinite(a) & (a > 0)),
-        (
-            "ceiling",
-            p.ceiling,
-            "a finite number > 0",
-            lambda a: np.isfinite(a) & (a > 0),
-        ),
-        ("elasticity", p.elasticity, "a finite number >= 0", _finite_non_negative),
-        ("local", p.local, "a finite number >= 0", _finite_non_negative),
-        ("floor", p.floor, "a finite number >= 0", _finite_non_negative),
-        ("cap", p.cap, "a number >= 0 (omit it for no cap)", lambda a: a >= 0),
+        ("scale", p.scale, positive, _finite_positive),
+        ("weight", p.weight, positive, _finite_positive),
+        ("ceiling", p.ceiling, positive, _finite_positive),
+        ("elasticity", p.elasticity, non_negative, _finite_non_negative),
+        ("local", p.local, non_negative, _finite_non_negative),
+        ("floor", p.floor, non_negative, _finite_non_negative),
+        ("cap", p.cap, "a number >= 0 (omit it for no cap)", _non_negative),
     )
     for name, array, accepted, ok in rules:
         bad = np.argwhere(~ok(array))
@@ -217,8 +214,16 @@ def _check_agent_numbers(p: Problem) -> None:
         )
 
 
-def _finite_non_negative(array: FloatArray) -> FloatArray:
+def _finite_positive(array: FloatArray) -> BoolArray:
+    return np.isfinite(array) & (array > 0)
+
+
+def _finite_non_negative(array: FloatArray) -> BoolArray:
     return np.isfinite(array) & (array >= 0)
+
+
+def _non_negative(array: FloatArray) -> BoolArray:
+    return np.asarray(array >= 0)
 
 
 def _check_elasticity_sums(p: Problem) -> None:

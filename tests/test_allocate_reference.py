@@ -12,14 +12,17 @@ from __future__ import annotations
 
 import math
 import warnings
+from typing import Any
 
-import cvxpy as cp
+import cvxpy
 import numpy as np
 import pytest
 
 from controller.allocate import allocate
 from controller.problem import Problem
 
+# cvxpy's type information is partial; the reference only needs it to run.
+cp: Any = cvxpy
 INF = math.inf
 TOLERANCE = 1e-6
 SOLVER = {"solver": "CLARABEL", "tol_gap_abs": 1e-10, "tol_gap_rel": 1e-10,
@@ -54,7 +57,7 @@ def instance(seed: int, n: int, r: int, alpha: float, *, boxes: bool) -> Problem
     )
 
 
-def solve(problem: cp.Problem) -> float:
+def solve(problem: Any) -> float:
     """Optimal value; Clarabel's "may be inaccurate" at 1e-10 still means ~1e-8."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Solution may be inaccurate")
@@ -63,7 +66,7 @@ def solve(problem: cp.Problem) -> float:
     return float(problem.value)
 
 
-def feasible_set(p: Problem) -> tuple[cp.Variable, list[cp.Constraint]]:
+def feasible_set(p: Problem) -> tuple[Any, list[Any]]:
     """The cloud amounts as a cvxpy variable with budgets, floors and caps."""
     x = cp.Variable(p.floor.shape)
     constraints = [cp.sum(x, axis=0) <= p.budget, x >= p.floor]
@@ -73,7 +76,7 @@ def feasible_set(p: Problem) -> tuple[cp.Variable, list[cp.Constraint]]:
     return x, constraints
 
 
-def log_utility(p: Problem, x: cp.Variable, i: int) -> cp.Expression:
+def log_utility(p: Problem, x: Any, i: int) -> Any:
     """``log min(ceiling, u_i)``: concave (exponential cones)."""
     terms = [
         p.elasticity[i, r] * cp.log(p.local[i, r] + x[i, r])
@@ -83,7 +86,7 @@ def log_utility(p: Problem, x: cp.Variable, i: int) -> cp.Expression:
     return cp.minimum(math.log(p.ceiling[i]), math.log(p.scale[i]) + sum(terms))
 
 
-def power_utility(p: Problem, x: cp.Variable, i: int, power: float) -> cp.Expression:
+def power_utility(p: Problem, x: Any, i: int, power: float) -> Any:
     """``min(ceiling, u_i) ** power`` for ``0 < power <= 1`` (power cones).
 
     Every agent's geometric mean gets the same number of arguments (constant
