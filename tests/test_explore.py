@@ -7,8 +7,8 @@ from typing import Any
 
 import numpy as np
 import pytest
-from controller.allocate import allocate, capped_utility
 
+from controller.allocate import allocate, capped_utility
 from controller.errors import FairsynergyError
 from controller.explore import Explorer, equivalent_accuracy
 from controller.problem import Problem
