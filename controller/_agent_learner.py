@@ -26,6 +26,9 @@ STATE_VERSION = 1
 # least this many predictive sds in the drift's direction: an old sample that
 # leans that way by chance (2 sd happens 1 time in 40) must not be replayed.
 _REPLAY_RESIDUAL = 3.0
+# Rounding can leave a variance a hair below zero after many updates at
+# extreme operating points; spreads are read through this floor.
+MIN_VARIANCE = 1e-18
 
 _SQRT2 = math.sqrt(2.0)
 _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
@@ -373,9 +376,11 @@ class UtilityLearner(base.Regressor):
     def _observe_censored(
         self, gain: list[float], mean: float, spread: float, noise2: float
     ) -> None:
-        sd = math.sqrt(noise2 + spread)
+        sd = math.sqrt(max(noise2 + spread, MIN_VARIANCE))
         z = (mean - self._log_ceiling) / sd
-        mills = _INV_SQRT_2PI * math.exp(-0.5 * z * z) / (0.5 * math.erfc(-z / _SQRT2))
+        tail = 0.5 * math.erfc(-z / _SQRT2)
+        # Far below the ceiling the tail underflows; the ratio tends to -z.
+        mills = _INV_SQRT_2PI * math.exp(-0.5 * z * z) / tail if tail > 1e-300 else -z
         self._observe(gain, mills / sd, mills * (mills + z) / (sd * sd))
 
     def _remember(self, sample: _Sample) -> None:
@@ -469,7 +474,9 @@ class UtilityLearner(base.Regressor):
         positive definite.
         """
         self._mean = [m + g * step for m, g in zip(self._mean, gain, strict=False)]
-        root = math.sqrt(shrink)
+        # A censored sample's moment matching can ask for a (tiny) negative
+        # shrink at extreme operating points; never let it grow the variance.
+        root = math.sqrt(max(shrink, 0.0))
         h = [root * g for g in gain]
         inflate = 1.0 / self.forgetting
         self._cov = [
@@ -540,7 +547,9 @@ class UtilityLearner(base.Regressor):
         """Each elasticity's posterior mean given that it is non-negative."""
         size = self._size
         return [
-            _positive_mean(mean, math.sqrt(self._cov[(r + 1) * (size + 1)]))
+            _positive_mean(
+                mean, math.sqrt(max(self._cov[(r + 1) * (size + 1)], MIN_VARIANCE))
+            )
             for r, mean in enumerate(elasticity)
         ]
 

@@ -11,10 +11,16 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 
 import pytest
+from hypothesis import settings
 
 from tests.mosquitto import DEFAULT_CONFIG, MosquittoBroker, find_mosquitto
 
 BROKER_FIXTURES = {"broker", "mosquitto_factory"}
+
+# Property tests draw their examples from a fixed seed, so a run is
+# reproducible and CI cannot go red on a draw nobody can replay.
+settings.register_profile("fixed-seed", derandomize=True, deadline=None)
+settings.load_profile("fixed-seed")
 
 
 @pytest.fixture

@@ -15,6 +15,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -31,7 +32,7 @@ from controller.simulate import SimulatedFleet
 from controller.store import Store
 from edge_client import EdgeClient
 from schemas import Kind, Topics
-from tests.mosquitto import MosquittoBroker
+from tests.mosquitto import MosquittoBroker, free_port
 
 FLEET = "e2e"
 RESOURCES = ("compute", "data")
@@ -46,7 +47,6 @@ ack_timeout = 1.0
 offline_grace = 1.0
 rate_limit = 100.0
 rate_burst = 100.0
-metrics_port = 0
 """
 PERIOD_S = 0.1
 
@@ -60,7 +60,8 @@ class ControllerProcess:
         self.broker = broker
         self.db = workdir / "controller.db"
         self.config = workdir / "controller.toml"
-        self.config.write_text(SETTINGS)
+        self.metrics_port = free_port()
+        self.config.write_text(SETTINGS + f"metrics_port = {self.metrics_port}\n")
         self.log = workdir / "controller.log"
         self.process: subprocess.Popen[bytes] | None = None
 
@@ -368,3 +369,29 @@ def test_controller_rejects_hostile_messages_and_keeps_going(setup, broker):
         zip(RESOURCES, devices.fleet.budget.tolist(), strict=True)
     )
     assert watcher.audit.violations == []
+
+
+def test_controller_reports_metrics_and_status(setup):
+    """The metrics endpoint and `fairsynergy status` describe the running fleet."""
+    controller, _, devices = setup
+    devices.run(4.0)
+    url = f"http://127.0.0.1:{controller.metrics_port}/metrics"
+
+    with urllib.request.urlopen(url, timeout=5) as response:
+        metrics = response.read().decode()
+    status = subprocess.run(
+        [sys.executable, "-m", "controller.cli", "status", "--db", str(controller.db)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    report = json.loads(status.stdout)
+
+    assert 'fairsynergy_messages_received_total{kind="telemetry"}' in metrics
+    assert "fairsynergy_epoch " in metrics
+    assert status.returncode == 0, status.stderr
+    assert report["epoch"] >= 1
+    assert set(report["agents"]) == set(devices.clients)
+    fit = report["agents"][devices.fleet.agents[0]]["fit"]
+    assert fit is not None
+    assert set(fit["elasticity"]) == set(RESOURCES)
