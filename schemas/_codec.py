@@ -75,8 +75,10 @@ def load_schema(name: str) -> dict[str, Any]:
 @functools.cache
 def compiled(name: str) -> Callable[[Any], Any]:
     """The fastjsonschema validator of schema ``name``, compiled on first use."""
+    # fastjsonschema annotates the document it compiles; give it a copy so the
+    # shared document stays as the file says.
     return fastjsonschema.compile(
-        _document(name),
+        copy.deepcopy(_document(name)),
         handlers={"http": _refuse_remote, "https": _refuse_remote},
         use_formats=False,
     )
