@@ -27,8 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
-import platform
 import timeit
 import tracemalloc
 from typing import Any
@@ -36,20 +34,10 @@ from typing import Any
 import numpy as np
 from river import linear_model
 
+from bench._machine import machine
 from controller.learn import FleetLearner, UtilityLearner
 
 SEED = 20250903
-
-
-def machine() -> dict[str, Any]:
-    """What the numbers were measured on."""
-    cpu = "unknown"
-    with open("/proc/cpuinfo") as handle:
-        for line in handle:
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version()}
 
 
 def stream(resources: tuple[str, ...], n: int, ceiling: float = 1.0) -> list[Any]:

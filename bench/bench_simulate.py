@@ -26,12 +26,11 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
-import platform
 import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
+from bench._machine import machine
 from controller.simulate import RoundResult, SimulationConfig, simulate
 
 CHECKPOINTS = (30, 100)
@@ -40,17 +39,6 @@ WAYS: dict[str, dict[str, Any]] = {
     "no-explore": {"explore": False, "policy": "fair"},
     "uniform": {"explore": False, "policy": "uniform"},
 }
-
-
-def machine() -> dict[str, Any]:
-    """What the numbers were measured on."""
-    cpu = "unknown"
-    with open("/proc/cpuinfo") as handle:
-        for line in handle:
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version()}
 
 
 def gap(value: float, oracle: float) -> float:

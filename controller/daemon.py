@@ -277,8 +277,7 @@ class Controller:
             self.log.exception("message_failed", topic=topic, payload=excerpt(payload))
 
     def _granted(self, agent: str) -> dict[str, float]:
-        held = self.ledger.held([agent], self.resources)[0]
-        return dict(zip(self.resources, held.tolist(), strict=True))
+        return self.ledger.held_by(agent)
 
     def apply(self, event: Event, now: float) -> None:
         if isinstance(event, Telemetry):
@@ -436,8 +435,8 @@ class Controller:
                 self.metrics.unacknowledged.inc()
                 self.log.warning("agent_not_acknowledging", agent=agent)
         for agent, info in list(self.agents.items()):
-            gone = info.offline_since is not None
-            if gone and now - info.offline_since >= self.config.offline_grace:  # type: ignore[operator]
+            since = info.offline_since
+            if since is not None and now - since >= self.config.offline_grace:
                 self._leave(agent, now)
         if now >= self.last_cycle_at + self.config.reallocation_interval:
             self.triggers.add("tick", now)
@@ -582,14 +581,15 @@ class Controller:
         shares: dict[str, dict[str, Any]] = {}
         for row, agent in enumerate(active):
             latest = self.ledger.latest(agent)
-            fresh = agent in published or latest is None
+            if agent in published or latest is None:
+                latest = Grant(self.epoch, {}, now, now + lease)
             held = np.maximum(self.ledger.held([agent], self.resources)[0], cloud[row])
             shares[agent] = {
                 "cloud": self._amounts(cloud[row]),
                 "expected_accuracy": float(np.clip(expected[row], 0.0, 1.0)),
-                "epoch": self.epoch if fresh else latest.epoch,  # type: ignore[union-attr]
-                "published_at": now if fresh else latest.published_at,  # type: ignore[union-attr]
-                "expires": now + lease if fresh else latest.expires,  # type: ignore[union-attr]
+                "epoch": latest.epoch,
+                "published_at": latest.published_at,
+                "expires": latest.expires,
                 "held": self._amounts(held),
             }
             self.agents[agent].expected_accuracy = shares[agent]["expected_accuracy"]

@@ -20,6 +20,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 from schemas import (
     Kind,
@@ -199,11 +200,10 @@ class Ingest:
         granted: Callable[[str], Mapping[str, float]],
     ) -> Event:
         if kind is Kind.BUDGET:
-            alpha = message.get("alpha")
-            return Budget(
-                resources=dict(message["resources"]),  # type: ignore[call-overload]
-                alpha=None if alpha is None else alpha_from_wire(alpha),  # type: ignore[arg-type]
-            )
+            alpha: Any = message.get("alpha")
+            resources: Any = message["resources"]
+            wire_alpha = None if alpha is None else alpha_from_wire(alpha)
+            return Budget(resources=dict(resources), alpha=wire_alpha)
         assert agent is not None
         if kind is Kind.AGENT_STATUS:
             return AgentStatus(

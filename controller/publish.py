@@ -139,10 +139,20 @@ class GrantLedger:
         for agent, entry in self._agents.items():
             latest = entry.latest
             acked = entry.acknowledged_epoch
-            waiting = latest is not None and (acked is None or acked < latest.epoch)
-            if waiting and now - latest.published_at > timeout:  # type: ignore[union-attr]
+            if latest is None or (acked is not None and acked >= latest.epoch):
+                continue
+            if now - latest.published_at > timeout:
                 late.append(agent)
         return late
+
+    def held_by(self, agent: str) -> dict[str, float]:
+        """The most of each resource ``agent`` may be using (absent means 0)."""
+        entry = self._agents.get(agent)
+        most: dict[str, float] = {}
+        for grant in entry.grants if entry else ():
+            for resource, amount in grant.cloud.items():
+                most[resource] = max(most.get(resource, 0.0), amount)
+        return most
 
     def held(self, agents: Sequence[str], resources: Sequence[str]) -> FloatArray:
         """Per agent and resource, the most it may be using: the max of its grants."""

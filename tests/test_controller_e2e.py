@@ -18,6 +18,7 @@ import time
 import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import paho.mqtt.client as paho
@@ -118,7 +119,8 @@ class Watcher:
 
     def epoch(self) -> int:
         with self.lock:
-            return int(self.summary["epoch"]) if self.summary else 0  # type: ignore[call-overload]
+            epoch: Any = self.summary["epoch"] if self.summary else 0
+            return int(epoch)
 
     def close(self) -> None:
         self.client.loop_stop()
