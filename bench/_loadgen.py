@@ -551,7 +551,7 @@ def counter_main(
     count: Any,
     last: Any,
 ) -> None:
-    """The baseline: subscribe like the controller (QoS 1, persistent) and count.
+    """The baseline: subscribe like the controller (QoS 0, persistent) and count.
 
     ``count`` and ``last`` are shared values (``multiprocessing.RawValue``):
     messages so far, and when the latest arrived.
@@ -564,7 +564,7 @@ def counter_main(
     def on_connect(
         client: paho.Client, _u: object, _f: object, _r: object, _p: object
     ) -> None:
-        client.subscribe(topic, qos=1)
+        client.subscribe(topic, qos=0)
 
     def on_subscribe(*_args: object) -> None:
         ready.set()

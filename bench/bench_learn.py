@@ -14,9 +14,15 @@ It measures, for 1, 2 and 3 resources:
    ``BayesianLinearRegression`` on the same features, for comparison;
 2. reading: microseconds per estimate (feasible posterior mode) and per
    Thompson sample for a whole fleet of 1,000 agents (``estimates`` and
-   ``sample``), the arrays the solver needs each round;
+   ``sample``), the arrays the solver needs each round, and per
+   ``predict_one`` right after an update (the daemon's fit check);
 3. memory: bytes per agent held by a ``FleetLearner`` of 1,000 agents
-   (tracemalloc), and the size of one agent's saved state as JSON.
+   (tracemalloc), and the size of one agent's saved state as JSON;
+4. scale (2 resources, ``--scale`` agents, 10,000 by default): restoring
+   every agent's saved state (one by one and with ``restore_agents``),
+   saving them (``agent_state``), ``estimates`` (after every posterior
+   changed, and again), ``sample``, ``predict_many``, and the time to import
+   ``controller.learn`` in a fresh interpreter.
 
 Timings are the best of 15 repeats (the machine is shared); the
 numbers are copied into docs/learning.md with the machine they ran on.
@@ -25,8 +31,11 @@ numbers are copied into docs/learning.md with the machine they ran on.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
+import subprocess
+import sys
 import timeit
 import tracemalloc
 from typing import Any
@@ -52,9 +61,15 @@ def stream(resources: tuple[str, ...], n: int, ceiling: float = 1.0) -> list[Any
     ]
 
 
-def per_call(function: Any, calls: int, repeat: int = 15) -> float:
-    """Best-of-``repeat`` microseconds per call."""
-    return min(timeit.repeat(function, number=calls, repeat=repeat)) / calls * 1e6
+def per_call(function: Any, calls: int, repeat: int = 15, *, gc: bool = False) -> float:
+    """Best-of-``repeat`` microseconds per call.
+
+    timeit pauses the garbage collector; ``gc=True`` keeps it running, as it
+    runs in the daemon, for calls that allocate many objects (a restore).
+    """
+    setup = "import gc; gc.enable()" if gc else "pass"
+    times = timeit.repeat(function, setup=setup, number=calls, repeat=repeat)
+    return min(times) / calls * 1e6
 
 
 def bench_update(resources: tuple[str, ...], calls: int) -> dict[str, float]:
@@ -72,19 +87,25 @@ def bench_update(resources: tuple[str, ...], calls: int) -> dict[str, float]:
     fleet = FleetLearner(resources)
     local = dict.fromkeys(resources, 0.01)
     seq = iter(range(10**9))
-    feed = iter(samples)
+    feed = itertools.cycle(samples)  # two timings of 15 repeats each
+    probe = dict.fromkeys(resources, 0.5)
 
-    def fleet_update() -> None:
+    def fleet_update(predict: bool = False) -> None:
         x, y = next(feed)
         cloud = {r: v - 0.01 for r, v in x.items()}
         fleet.learn_one("agent-1", local, cloud, y, seq=next(seq))
+        if predict:
+            fleet["agent-1"].predict_one(probe)
 
+    fleet_learn = per_call(fleet_update, calls)
+    with_predict = per_call(lambda: fleet_update(predict=True), calls)
     return {
         "learn_one_us": plain,
         "false_drift_alarms": learner.counts["drift"],
         "stationary_samples": learner.n_samples,
         "learn_one_half_censored_us": censored,
-        "fleet_learn_one_us": per_call(fleet_update, calls),
+        "fleet_learn_one_us": fleet_learn,
+        "predict_one_after_update_us": with_predict - fleet_learn,
         **bench_river(samples, calls),
     }
 
@@ -139,10 +160,74 @@ def bench_fleet(resources: tuple[str, ...], agents: int) -> dict[str, float]:
     }
 
 
+def bench_scale(agents: int) -> dict[str, float]:
+    """Restart and per-cycle costs at ``agents`` agents with 2 resources.
+
+    The fleet is restored from the saved states of 300 trained agents, each
+    used for many agent ids: the costs depend on the states' shape, not on
+    their values.
+    """
+    resources = ("compute", "data")
+    trained = build_fleet(resources, 300, 20)
+    text = [json.dumps(trained.agent_state(a)) for a in trained.agents]
+    states = {f"agent-{k:05d}": json.loads(text[k % len(text)]) for k in range(agents)}
+
+    def one_by_one() -> FleetLearner:
+        fleet = FleetLearner(resources)
+        for agent, state in states.items():
+            fleet.restore_agent(agent, state)
+        return fleet
+
+    def batch() -> FleetLearner:
+        fleet = FleetLearner(resources)
+        fleet.restore_agents(states)
+        return fleet
+
+    fleet = batch()
+    names = list(states)
+    learners = [fleet[a] for a in names]
+
+    def estimates_after_updates() -> None:
+        for learner in learners:
+            learner._changed()  # as if every posterior moved since last time
+        fleet.estimates(names)
+
+    rng = np.random.default_rng(SEED)
+    totals = np.full((agents, 2), 0.5)
+    return {
+        "agents": agents,
+        "restore_agent_s": per_call(one_by_one, 1, repeat=3, gc=True) / 1e6,
+        "restore_agents_s": per_call(batch, 1, repeat=3, gc=True) / 1e6,
+        "agent_state_us": per_call(lambda: fleet.agent_state(names[7]), 20000),
+        "estimates_changed_ms": per_call(estimates_after_updates, 1, 3) / 1e3,
+        "estimates_ms": per_call(lambda: fleet.estimates(names), 1, 5) / 1e3,
+        "sample_ms": per_call(lambda: fleet.sample(rng, names), 1, 5) / 1e3,
+        "predict_many_ms": per_call(lambda: fleet.predict_many(names, totals), 1, 5)
+        / 1e3,
+        "import_learn_ms": import_time("controller.learn"),
+    }
+
+
+def import_time(module: str, repeat: int = 5) -> float:
+    """Best-of milliseconds to import ``module`` in a fresh interpreter."""
+    times = []
+    for _ in range(repeat):
+        result = subprocess.run(
+            [sys.executable, "-X", "importtime", "-c", f"import {module}"],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        last = result.stderr.strip().splitlines()[-1]  # the module itself
+        times.append(int(last.split("|")[1]) / 1e3)
+    return min(times)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--calls", type=int, default=20000)
     parser.add_argument("--agents", type=int, default=1000)
+    parser.add_argument("--scale", type=int, default=10000)
     args = parser.parse_args()
 
     report: dict[str, Any] = {"machine": machine()}
@@ -152,6 +237,7 @@ def main() -> None:
             **bench_update(resources, args.calls),
             **bench_fleet(resources, args.agents),
         }
+    report["scale"] = bench_scale(args.scale)
     print(json.dumps(report, indent=2))
 
 

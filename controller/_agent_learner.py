@@ -6,18 +6,20 @@ See :class:`UtilityLearner`; :mod:`controller.learn` is the public face.
 from __future__ import annotations
 
 import enum
+import functools
 import math
 import random
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from itertools import product
 from operator import gt, mul
-from typing import Any
+from typing import Any, Self
 
-from river import base, drift
+from river import base
 
 from controller import _posterior as linalg
 from controller._detector_state import detector_from_state, detector_to_state
+from controller._pagehinkley import PageHinkley
 from controller.errors import FairsynergyError
 
 STATE_VERSION = 1
@@ -46,6 +48,12 @@ class Outcome(enum.StrEnum):
     STALE = "stale"  # seq older than the last sample of that agent
 
 
+# Iterating an enum class is slow; every learner's counts start from this.
+_OUTCOMES = tuple(Outcome)
+_OUTCOME_NAMES = tuple(outcome.value for outcome in _OUTCOMES)
+_OUTCOMES_BY_NAME = dict(zip(_OUTCOME_NAMES, _OUTCOMES, strict=True))
+
+
 @dataclass(frozen=True)
 class Prior:
     """Independent normal beliefs about ``(log A, gamma_1, ..., gamma_R)``.
@@ -63,9 +71,8 @@ class Prior:
                 f"prior needs one mean and one sd for log scale and each "
                 f"elasticity; got {len(self.mean)} means and {len(self.sd)} sds"
             )
-        if not all(math.isfinite(m) for m in self.mean) or not all(
-            math.isfinite(s) and s > 0 for s in self.sd
-        ):
+        finite = all(map(math.isfinite, self.mean)) and all(map(math.isfinite, self.sd))
+        if not finite or min(self.sd) <= 0:
             raise FairsynergyError(
                 f"prior means must be finite and sds finite and > 0; got "
                 f"mean={self.mean}, sd={self.sd}"
@@ -90,10 +97,16 @@ class Prior:
     @classmethod
     def from_state(cls, state: Mapping[str, Sequence[float]]) -> Prior:
         """Rebuild a prior saved by :meth:`to_state`."""
-        return cls(mean=tuple(state["mean"]), sd=tuple(state["sd"]))
+        return _saved_prior(tuple(state["mean"]), tuple(state["sd"]))
 
 
-def default_detector() -> drift.PageHinkley:
+@functools.lru_cache(maxsize=1024)
+def _saved_prior(mean: tuple[float, ...], sd: tuple[float, ...]) -> Prior:
+    """A saved prior, validated once: a fleet's agents share a few pooled ones."""
+    return Prior(mean=mean, sd=sd)
+
+
+def default_detector() -> PageHinkley:
     """Page-Hinkley on standardised residuals, tuned for unit variance.
 
     ``delta = 0.5`` ignores shifts under half a standard deviation;
@@ -101,9 +114,11 @@ def default_detector() -> drift.PageHinkley:
     in about 3, with about one false alarm per 100,000 Gaussian samples.
     ``alpha = 1`` turns off river's fading of the sums: with fading, the sums
     lose their downward drift after ~1 / (1 - alpha) samples and false alarms
-    become ten times more frequent.
+    become ten times more frequent. The class is our own copy of river's
+    test (same parameters, same detections), which spares the controller
+    the import of ``river.drift``.
     """
-    return drift.PageHinkley(min_instances=5, delta=0.5, threshold=12.0, alpha=1.0)
+    return PageHinkley(min_instances=5, delta=0.5, threshold=12.0, alpha=1.0)
 
 
 def _huber_consistency(c: float) -> float:
@@ -132,6 +147,43 @@ def _dot(a: Sequence[float], b: Sequence[float]) -> float:
     total: float = sum(map(mul, a, b))
     return total
 
+
+def _downdate_3(cov: list[float], h: list[float], inflate: float) -> list[float]:
+    """``(C - h h^T) * inflate`` for a 3 x 3 ``C``, written out (the usual size).
+
+    The same products in the same order as the general comprehension in
+    :meth:`UtilityLearner._observe`, so the results match it bit for bit.
+    """
+    c0, c1, c2, c3, c4, c5, c6, c7, c8 = cov
+    h0, h1, h2 = h
+    return [
+        (c0 - h0 * h0) * inflate,
+        (c1 - h0 * h1) * inflate,
+        (c2 - h0 * h2) * inflate,
+        (c3 - h1 * h0) * inflate,
+        (c4 - h1 * h1) * inflate,
+        (c5 - h1 * h2) * inflate,
+        (c6 - h2 * h0) * inflate,
+        (c7 - h2 * h1) * inflate,
+        (c8 - h2 * h2) * inflate,
+    ]
+
+
+# The constructor's arguments, which clone() passes on.
+_PARAMETERS = (
+    "resources",
+    "ceiling",
+    "prior",
+    "forgetting",
+    "noise",
+    "noise_weight",
+    "huber",
+    "gate",
+    "elasticity_max",
+    "confident_sd",
+    "drift_detector",
+    "replay",
+)
 
 # One remembered sample: features, log accuracy (None if censored), and its
 # standardised residual when it arrived.
@@ -178,7 +230,9 @@ class UtilityLearner(base.Regressor):
     re-inverts the matrix on every sample and also decays the prior, it has
     no per-sample weight (needed for Huber and censoring), and its numpy
     state costs more per sample than our whole update. river's drift
-    detectors do serve and are used.
+    detector interface does serve: any of its detectors plugs in, and the
+    default is our copy of its Page-Hinkley test (:mod:`controller._pagehinkley`,
+    kept out of ``river.drift`` for the controller's start-up time).
 
     Parameters
     ----------
@@ -263,10 +317,27 @@ class UtilityLearner(base.Regressor):
         self._noise_n = noise_weight
         self._buffer: list[_Sample] = []  # the last `replay` samples
         self._suspects: list[_Sample] = []
-        self._counts = dict.fromkeys(Outcome, 0)
+        self._counts = dict.fromkeys(_OUTCOMES, 0)
         self._last_outcome: Outcome | None = None
         self._drift_detected = False
         self._restart()
+
+    def clone(
+        self, new_params: dict[str, Any] | None = None, include_attributes: bool = False
+    ) -> Self:
+        """A fresh learner with the same parameters (river's ``clone`` contract).
+
+        The plain case skips river's signature inspection and deep copies,
+        which cost about ten times the construction itself: a fleet clones
+        its template for every agent that joins. The parameters are immutable
+        values (a frozen prior, a detector the constructor clones), so
+        sharing them is safe.
+        """
+        if include_attributes:
+            return super().clone(new_params, include_attributes)
+        params = {name: getattr(self, name) for name in _PARAMETERS}
+        params.update(new_params or {})
+        return type(self)(**params)
 
     def _check_params(self) -> None:
         checks = [
@@ -307,9 +378,18 @@ class UtilityLearner(base.Regressor):
         self._learn_one(x, y)
 
     def _learn_one(self, x: Mapping[Any, float], y: float) -> Outcome:
+        try:
+            amounts = [x[r] for r in self._resources]
+        except KeyError:
+            amounts = None
+        return self._learn_amounts(amounts, y)
+
+    def _learn_amounts(self, amounts: list[float] | None, y: float) -> Outcome:
+        """Learn from total amounts in resource order (None: one was missing)."""
         self._drift_detected = False
-        self._suspects = []
-        features = self._features(x)
+        if self._suspects:
+            self._suspects = []
+        features = self._features(amounts)
         if features is None or not 0.0 < y < math.inf:
             outcome = Outcome.SKIPPED
         elif y >= self.ceiling:
@@ -321,12 +401,15 @@ class UtilityLearner(base.Regressor):
         self._last_outcome = outcome
         return outcome
 
-    def _features(self, x: Mapping[Any, float]) -> list[float] | None:
+    @staticmethod
+    def _features(amounts: list[float] | None) -> list[float] | None:
         """``(1, log z_1, ..., log z_R)``, or None when a log is undefined."""
+        if amounts is None:
+            return None
         try:
             # math.log refuses 0 and negatives; NaN and inf pass and are caught below.
-            features = [1.0, *[math.log(x[r]) for r in self._resources]]
-        except (KeyError, ValueError, TypeError):
+            features = [1.0, *map(math.log, amounts)]
+        except (ValueError, TypeError):
             return None
         return features if math.isfinite(sum(features)) else None
 
@@ -458,9 +541,27 @@ class UtilityLearner(base.Regressor):
     def _predictive(self, features: list[float]) -> tuple[float, list[float]]:
         """Predicted ``log u`` at ``features`` and ``C phi``."""
         size = self._size
+        if size == 3:
+            return self._predictive_3(features)
         products = list(map(mul, self._cov, features * size))
         gain = [sum(products[k : k + size]) for k in range(0, size * size, size)]
         return _dot(self._mean, features), gain
+
+    def _predictive_3(self, features: list[float]) -> tuple[float, list[float]]:
+        """:meth:`_predictive` written out for two resources (the usual case).
+
+        The sums start from 0 and add left to right, as ``sum`` does, so the
+        results are the general path's bit for bit (tested).
+        """
+        f0, f1, f2 = features
+        c0, c1, c2, c3, c4, c5, c6, c7, c8 = self._cov
+        m0, m1, m2 = self._mean
+        gain = [
+            0.0 + c0 * f0 + c1 * f1 + c2 * f2,
+            0.0 + c3 * f0 + c4 * f1 + c5 * f2,
+            0.0 + c6 * f0 + c7 * f1 + c8 * f2,
+        ]
+        return 0.0 + m0 * f0 + m1 * f1 + m2 * f2, gain
 
     def _observe(self, gain: list[float], step: float, shrink: float) -> None:
         """``m += step C phi``; ``C <- (C - shrink (C phi)(C phi)^T) / forgetting``.
@@ -479,10 +580,13 @@ class UtilityLearner(base.Regressor):
         root = math.sqrt(max(shrink, 0.0))
         h = [root * g for g in gain]
         inflate = 1.0 / self.forgetting
-        self._cov = [
-            (c - hi * hj) * inflate
-            for c, (hi, hj) in zip(self._cov, product(h, h), strict=False)
-        ]
+        if self._size == 3:
+            self._cov = _downdate_3(self._cov, h, inflate)
+        else:
+            self._cov = [
+                (c - hi * hj) * inflate
+                for c, (hi, hj) in zip(self._cov, product(h, h), strict=False)
+            ]
         if any(map(gt, self._cov[:: self._size + 1], self._prior_variance)):
             self._cap_variances()
         self._n_samples += 1
@@ -512,6 +616,7 @@ class UtilityLearner(base.Regressor):
     def _changed(self) -> None:
         self._chol: list[list[float]] | None = None
         self._estimate: list[float] | None = None
+        self._weights: list[float] | None = None
 
     def _feasible(self, theta: Sequence[float], *, lift: bool = False) -> list[float]:
         """Move ``theta`` so its elasticities are usable by the solver.
@@ -530,14 +635,26 @@ class UtilityLearner(base.Regressor):
         if feasible and target == elasticity:
             return list(theta)
 
-        rows = self._rows()
-        block = [row[1:] for row in rows[1:]]
         if not feasible:
-            target = linalg.project_elasticities(target, block, self.elasticity_max)
-        moved = [g - e for g, e in zip(target, elasticity, strict=True)]
+            target = linalg.project_elasticities(
+                target, self._elasticity_block(), self.elasticity_max
+            )
+        moved = [g - e for g, e in zip(target, elasticity, strict=False)]
         # Conditional mean of log A given the elasticities: C_ag C_gg^-1 (g - m_g).
-        weights = linalg.solve_small(block, rows[0][1:])
-        return [theta[0] + _dot(weights, moved), *target]
+        return [theta[0] + _dot(self._shift_weights(), moved), *target]
+
+    def _elasticity_block(self) -> list[list[float]]:
+        """``C_gg``, the elasticities' covariance, as rows."""
+        size, cov = self._size, self._cov
+        return [cov[k + 1 : k + size] for k in range(size, size * size, size)]
+
+    def _shift_weights(self) -> list[float]:
+        """``C_gg^-1 C_ga``, cached until the posterior changes."""
+        if self._weights is None:
+            self._weights = linalg.solve_small(
+                self._elasticity_block(), self._cov[1 : self._size]
+            )
+        return self._weights
 
     def _rows(self) -> list[list[float]]:
         size = self._size
@@ -582,10 +699,14 @@ class UtilityLearner(base.Regressor):
         The estimate is the feasible posterior mode, so this is the curve the
         solver sees (in log space it is the median, not the mean).
         """
+        return self._predict(map(x.__getitem__, self._resources))
+
+    def _predict(self, amounts: Iterable[float]) -> float:
+        """:meth:`predict_one` at total amounts given in resource order."""
         theta = self._theta()
         log_u = theta[0]
-        for gamma, resource in zip(theta[1:], self._resources, strict=True):
-            amount = max(0.0, x[resource])
+        for gamma, total in zip(theta[1:], amounts, strict=False):
+            amount = max(0.0, total)
             if amount == 0.0:
                 return 0.0 if gamma > 0.0 else min(self.ceiling, math.exp(log_u))
             log_u += gamma * math.log(amount)
@@ -631,7 +752,8 @@ class UtilityLearner(base.Regressor):
     @property
     def counts(self) -> dict[str, int]:
         """Lifetime number of samples per :class:`Outcome`."""
-        return {str(outcome): count for outcome, count in self._counts.items()}
+        # The counts are always kept in the order of _OUTCOMES.
+        return dict(zip(_OUTCOME_NAMES, self._counts.values(), strict=False))
 
     @property
     def last_outcome(self) -> Outcome | None:
@@ -672,7 +794,8 @@ class UtilityLearner(base.Regressor):
             "covariance": self._rows(),
             "noise_ss": self._noise_ss,
             "noise_n": self._noise_n,
-            "buffer": [[list(f), y, t] for f, y, t in self._buffer],
+            # A sample's features are never changed once built: no copy.
+            "buffer": [[f, y, t] for f, y, t in self._buffer],
             "n_samples": self._n_samples,
             "counts": self.counts,
         }
@@ -688,8 +811,10 @@ class UtilityLearner(base.Regressor):
         params = dict(state["params"])
         params["prior"] = Prior.from_state(params["prior"])
         detector = detector_from_state(state["detector"])
-        learner = cls(**params, drift_detector=detector.clone())
-        learner._detector = detector
+        learner = cls(**params, drift_detector=detector)
+        # The constructor's fresh clone becomes the parameter; the restored
+        # detector, with its running sums, the one in use.
+        learner.drift_detector, learner._detector = learner._detector, detector
 
         learner._mean = [float(v) for v in state["mean"]]
         learner._cov = [float(v) for row in state["covariance"] for v in row]
@@ -697,6 +822,7 @@ class UtilityLearner(base.Regressor):
         learner._noise_n = float(state["noise_n"])
         learner._buffer.extend((list(f), y, t) for f, y, t in state["buffer"])
         learner._n_samples = int(state["n_samples"])
-        learner._counts = {Outcome(k): int(v) for k, v in state["counts"].items()}
+        counts = state["counts"]
+        learner._counts = {o: int(counts[n]) for n, o in _OUTCOMES_BY_NAME.items()}
         learner._changed()
         return learner

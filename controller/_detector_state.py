@@ -1,9 +1,16 @@
-"""Save a river drift detector to plain JSON-compatible data, and back.
+"""Save a drift detector to plain JSON-compatible data, and back.
 
-river detectors keep their running sums as ordinary attributes (and a
-``stats.Mean`` inside PageHinkley), so the two we support are saved by walking
-their attributes. Detectors whose state lives in compiled objects (ADWIN) or
-in containers are refused by name, rather than silently restarted.
+The learner's default detector is our own :class:`PageHinkley`, which saves
+and restores itself directly (the fast path: one per agent at every restart).
+Other river detectors keep their running sums as ordinary attributes, so the
+one more we support (``NoDrift``) is saved by walking its attributes.
+Detectors whose state lives in compiled objects (ADWIN) or in containers are
+refused by name, rather than silently restarted.
+
+States saved when the learner used river's PageHinkley have the same layout
+as ours and restore as ours. ``river.drift`` is imported only to restore a
+``NoDrift``: importing it costs more than a second (see
+:mod:`controller._pagehinkley`).
 """
 
 from __future__ import annotations
@@ -11,23 +18,23 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from river import base, drift
+from river import base
 
+from controller._pagehinkley import PageHinkley
 from controller.errors import FairsynergyError
 
-_SUPPORTED: dict[str, type[base.DriftDetector]] = {
-    "PageHinkley": drift.PageHinkley,
-    "NoDrift": drift.NoDrift,
-}
+_SUPPORTED = ("NoDrift", "PageHinkley")
 
 
 def detector_to_state(detector: base.DriftDetector) -> dict[str, Any]:
     """Return the detector's parameters and running state as plain data."""
+    if type(detector) is PageHinkley:
+        return detector.to_state()
     name = type(detector).__name__
     if name not in _SUPPORTED:
         raise FairsynergyError(
             f"drift detector {name} cannot be saved as JSON; "
-            f"use one of {', '.join(sorted(_SUPPORTED))}"
+            f"use one of {', '.join(_SUPPORTED)}"
         )
     return {
         "name": name,
@@ -38,13 +45,17 @@ def detector_to_state(detector: base.DriftDetector) -> dict[str, Any]:
 
 def detector_from_state(state: dict[str, Any]) -> base.DriftDetector:
     """Rebuild a detector saved by :func:`detector_to_state`."""
-    cls = _SUPPORTED.get(state["name"])
-    if cls is None:
+    name = state["name"]
+    if name == "PageHinkley":
+        return PageHinkley.from_state(state)
+    if name != "NoDrift":
         raise FairsynergyError(
-            f"unknown drift detector {state['name']!r} in saved state; "
-            f"expected one of {', '.join(sorted(_SUPPORTED))}"
+            f"unknown drift detector {name!r} in saved state; "
+            f"expected one of {', '.join(_SUPPORTED)}"
         )
-    detector = cls(**_restore(state["params"]))
+    from river import drift  # slow to import, and only NoDrift needs it
+
+    detector = drift.NoDrift(**_restore(state["params"]))  # type: ignore[no-untyped-call]
     _assign(detector, state["state"])
     return detector
 
@@ -53,7 +64,7 @@ def _attributes(obj: object) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key, value in vars(obj).items():
         if callable(value):
-            continue  # bound methods chosen by the constructor (PageHinkley mode)
+            continue  # bound methods chosen by a constructor (river's PageHinkley)
         if isinstance(value, bool | int | float | str) or value is None:
             out[key] = _plain(value)
         elif type(value).__module__.startswith("river."):

@@ -12,12 +12,12 @@ is convex; its gradient is budget minus demand. We minimise it over
    even if every agent takes all it could ever use (up to its cap, or up to
    the amount that lifts it to its ceiling with everything else at the floor)
    is handed out that way at price 0. What remains is the *priced* set.
-2. *Search.* One priced resource: a bracketed Newton / Illinois search on the
-   excess demand. Several: Newton's method on ``D(exp(eta))`` with the exact
-   Jacobian of demand, a backtracking line search and ``eta`` kept above a
-   floor that stands for price zero. If Newton stalls (demand jumps, which
-   happens only for alpha = 0 with elasticities summing to 1), nested
-   one-dimensional searches finish the job exactly.
+2. *Search.* Newton's method on ``D(exp(eta))`` with the exact Jacobian of
+   demand (one priced resource included), a backtracking line search and
+   ``eta`` kept above a floor that stands for price zero; each evaluation
+   warm-starts the agents' responses from the previous one. If Newton
+   stalls (demand jumps, which happens only for alpha = 0 with elasticities
+   summing to 1), nested one-dimensional searches finish the job exactly.
 3. *Recover.* The allocation is the demand at the final prices (or the blend
    of demands that clears a jump), trimmed proportionally above the floors if
    rounding left any budget over-committed by a few ulps.
@@ -147,8 +147,12 @@ def first_log_price(market: Market) -> Array:
     """
     room = np.maximum(market.budget - market.floor.sum(axis=1), 0.0)
     cloud = np.minimum(market.floor + (room / market.n_agents)[:, None], market.cap)
-    log_u = np.minimum(market.log_utility(market.log_z_of(cloud)), market.log_ceiling)
-    log_m = market.log_multiplier(log_u)
+    log_m = market.log_weight
+    if market.alpha != 1.0:
+        # At alpha = 1 the multipliers are the weights, whatever the bundle.
+        log_z = market.log_z_of(cloud)
+        log_u = np.minimum(market.log_utility(log_z), market.log_ceiling)
+        log_m = market.log_multiplier(log_u)
     shift = float(np.max(log_m[np.isfinite(log_m)], initial=0.0))
     with np.errstate(over="ignore"):
         weight = np.exp(np.nan_to_num(log_m - shift, nan=-np.inf))
@@ -166,6 +170,7 @@ class _Eval:
     excess: Array
     dual: float
     dual_scale: float
+    residual: float
 
 
 class _Dual:
@@ -185,21 +190,24 @@ class _Dual:
             return last
         market, priced = self.market, self.priced
         self.evaluations += 1
-        response = best_response(market, log_price)
+        guess = None if last is None else last.response
+        response = best_response(market, log_price, guess)
         price = np.where(priced, np.exp(log_price), 0.0)
-        values = market.value(np.minimum(response.log_u, market.log_ceiling))
-        spent = price @ response.cloud
-        total = float(values.sum())
-        dual = float(price @ market.budget) + total - float(spent.sum())
-        scale = float(price @ market.budget) + abs(total) + float(spent.sum())
-        excess = response.demand - market.budget
-        self._last = _Eval(log_price.copy(), response, excess, dual, scale)
+        # Best responses never exceed the ceiling: log_u is capped already.
+        total = float(market.value(response.log_u).sum())
+        demand = response.demand
+        income, spent = float(price @ market.budget), float(price @ demand)
+        dual = income + total - spent
+        scale = income + abs(total) + spent
+        excess = demand - market.budget
+        residual = self._residual(log_price, excess)
+        self._last = _Eval(log_price.copy(), response, excess, dual, scale, residual)
         return self._last
 
-    def residual(self, e: _Eval) -> float:
-        """Largest relative excess demand of a priced resource with a price."""
-        relative = np.abs(e.excess) / np.maximum(self.market.budget, 1e-300)
-        zero = (e.log_price <= self.floor + 1e-12) & (e.excess <= 0)
+    def _residual(self, log_price: Array, excess: Array) -> float:
+        # Largest relative excess demand of a priced resource with a price.
+        relative = np.abs(excess) / np.maximum(self.market.budget, 1e-300)
+        zero = (log_price <= self.floor + 1e-12) & (excess <= 0)
         return float(np.where(self.priced & ~zero, relative, 0.0).max(initial=0.0))
 
     def everyone_at_most(self, e: _Eval) -> bool:
@@ -269,12 +277,10 @@ def _search(
     if priced.size == 0 or dual.market.n_agents == 0:
         e = dual.at(start)
         return Blend.single(e.response.demand, start), 0.0
-    if priced.size >= 2:
-        found = _newton(dual, start, start - SLACK_DROP if suspect else None)
-        if found is not None:
-            return Blend.single(found.response.demand, found.log_price), 0.0
-        return _nested(dual, start, ceiling), 1.0
-    return _nested(dual, start, ceiling), 0.0
+    found = _newton(dual, start, start - SLACK_DROP if suspect else None)
+    if found is not None:
+        return Blend.single(found.response.demand, found.log_price), 0.0
+    return _nested(dual, start, ceiling), 1.0
 
 
 def _newton(dual: _Dual, start: Array, watch: Array | None) -> _Eval | None:
@@ -290,7 +296,7 @@ def _newton(dual: _Dual, start: Array, watch: Array | None) -> _Eval | None:
         unsold = dual.priced & (e.excess < 0)
         if watch is not None and (unsold & (e.log_price < watch)).any():
             raise _SlackSuspectedError
-        residual = dual.residual(e)
+        residual = e.residual
         if residual <= CLEAR_TOL or dual.everyone_at_most(e):
             return e
         # Stalling only counts near the end, where rounding limits progress.
@@ -312,12 +318,14 @@ def _newton_step(dual: _Dual, e: _Eval) -> Array | None:
     move = np.flatnonzero(dual.priced & ~at_floor)
     if move.size == 0:
         return None
-    hessian = -e.response.jacobian()[np.ix_(move, move)]
+    hessian = -e.response.jacobian()
+    if move.size < hessian.shape[0]:
+        hessian = hessian[np.ix_(move, move)]
     held = e.response.demand[move] + market.budget[move]
     regular = hessian + np.diag(1e-10 * held)
     excess = e.excess[move]
     try:
-        direction = np.linalg.solve(regular, excess)
+        direction = _solve_small(regular, excess)
     except np.linalg.LinAlgError:
         direction = excess / np.diag(regular)
     price = np.exp(e.log_price[move])
@@ -331,19 +339,28 @@ def _newton_step(dual: _Dual, e: _Eval) -> Array | None:
     return step
 
 
+def _solve_small(matrix: Array, rhs: Array) -> Array:
+    # One priced resource needs no factorisation (a zero pivot gives inf,
+    # which the caller treats like a singular matrix).
+    if rhs.size == 1:
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return np.asarray(rhs / matrix[0])
+    return np.asarray(np.linalg.solve(matrix, rhs))
+
+
 def _line_search(dual: _Dual, e: _Eval, step: Array) -> _Eval | None:
     # Armijo on the dual; where its change drowns in rounding, accept any step
     # that reduces the excess demand instead.
     price = np.where(dual.priced, np.exp(e.log_price), 0.0)
     slope = -float(price @ (e.excess * step))
-    residual = dual.residual(e)
+    residual = e.residual
     size = 1.0
     for _ in range(40):
         trial = dual.at(np.maximum(e.log_price + size * step, dual.floor))
         noise = 1e-13 * max(e.dual_scale, trial.dual_scale)
         if trial.dual <= e.dual + 1e-4 * size * slope:
             return trial
-        if abs(trial.dual - e.dual) <= noise and dual.residual(trial) < residual:
+        if abs(trial.dual - e.dual) <= noise and trial.residual < residual:
             return trial
         size *= 0.5
     return None

@@ -185,6 +185,17 @@ class Market:
         return bool(self.active.all())
 
     @cached_property
+    def steep(self) -> bool:
+        """Whether every agent's demand equation rises on every piece.
+
+        Only then is its root unique (so a warm start cannot pick another
+        point): false for alpha < 1 with elasticities summing to nearly
+        ``1 / (1 - alpha)``, which happens at alpha = 0 with sums of 1.
+        """
+        slope = 1.0 - (1.0 - self.alpha) * self.gamma_sum
+        return bool((slope > TINY_SLOPE).all())
+
+    @cached_property
     def log_u_lo(self) -> Array:
         """``log u`` of every agent on its floors (``-inf`` if one is empty)."""
         with np.errstate(invalid="ignore"):
@@ -237,6 +248,7 @@ class _Pieces:
 
     ``log z_r = clip(m + g_r, clip_lo_r, clip_hi_r)``; in terms of ``m`` the
     breakpoints are ``b_lo = clip_lo - g`` and ``b_hi = clip_hi - g``.
+    ``log_price`` is the price vector itself (``g = log gamma - log_price``).
     """
 
     g: Array
@@ -244,6 +256,7 @@ class _Pieces:
     clip_hi: Array
     gamma: Array
     gamma_g: Array
+    log_price: Array
 
     @cached_property
     def b_lo(self) -> Array:
@@ -266,7 +279,51 @@ class _Pieces:
             np.take(self.clip_hi, agents, axis=1),
             np.take(self.gamma, agents, axis=1),
             np.take(self.gamma_g, agents),
+            self.log_price,
         )
+
+    def clip_in_place(self, t: Array) -> Array:
+        """``t`` (one value per coordinate) clipped to ``[clip_lo, clip_hi]``."""
+        with np.errstate(invalid="ignore"):
+            np.maximum(t, self.clip_lo, out=t)
+            np.minimum(t, self.clip_hi, out=t)
+        return t
+
+
+@dataclass(frozen=True)
+class DemandPiece:
+    """The linear piece of each agent's demand equation at a solved root.
+
+    ``low`` and ``high`` mark the coordinates clipped to their floor or cap
+    (``(R, N)``); the others are free. On this piece the equation reads
+    ``m (1 - kappa s) = beta + kappa (k - eta . gamma_free)`` with ``s`` the
+    free elasticity and ``k`` a constant of the piece, recovered from the
+    root ``m`` and the level ``sum_r gamma_r log z_r`` it reached at prices
+    ``exp(eta)``: ``k = level - s m + eta . gamma_free``.
+    """
+
+    low: Array
+    high: Array
+    m: Array
+    level: Array
+    log_price: Array
+    gamma: Array
+
+    @cached_property
+    def gamma_free(self) -> Array:
+        """Elasticities of the free coordinates (0 elsewhere)."""
+        return np.where(self.low | self.high, 0.0, self.gamma)
+
+    @cached_property
+    def s(self) -> Array:
+        """Free elasticity of each agent."""
+        return _resource_sum(self.gamma_free)
+
+    @cached_property
+    def k(self) -> Array:
+        """The constant of each agent's piece (independent of the prices)."""
+        spent = self.log_price @ self.gamma_free
+        return np.asarray(self.level - self.s * self.m + spent)
 
 
 @dataclass(frozen=True)
@@ -276,7 +333,10 @@ class Response:
     ``log_z`` is meaningful on active coordinates only. :attr:`free` marks
     active coordinates strictly inside their box and :attr:`coupling` is the
     coefficient ``c_i`` of ``d log z_r / d eta_q = c_i gamma_q - [r == q]``
-    over free coordinates; both are computed on first use.
+    over free coordinates; both are computed on first use. ``piece`` is the
+    linear piece on which each agent's demand equation was solved (before any
+    ceiling binds), kept to warm-start nearby prices; None where that is not
+    used.
     """
 
     market: Market
@@ -288,8 +348,9 @@ class Response:
     log_m: Array
     at_ceiling: Array
     cheapest: Array
+    piece: DemandPiece | None
 
-    @property
+    @cached_property
     def demand(self) -> Array:
         """Total cloud amount asked for, per resource."""
         return np.asarray(self.cloud.sum(axis=1))
@@ -309,7 +370,11 @@ class Response:
     def free(self) -> Array:
         """Active coordinates strictly inside their box."""
         pieces, log_z = self.pieces, self.log_z
-        return (pieces.clip_lo < log_z) & (log_z < pieces.clip_hi) & self.market.active
+        free = pieces.clip_lo < log_z
+        free &= log_z < pieces.clip_hi
+        if not self.market.all_active:
+            free &= self.market.active
+        return free
 
     @cached_property
     def gamma_free(self) -> Array:
@@ -321,8 +386,11 @@ class Response:
         """``c_i``: ``-(1 - alpha) / (1 - (1 - alpha) s)`` or ``1 / s`` at a level."""
         s_free = _resource_sum(self.gamma_free)
         kappa = 1.0 - self.market.alpha
-        slope = np.where(self.cheapest, s_free, 1.0 - kappa * s_free)
-        top = np.where(self.cheapest, 1.0, -kappa)
+        if self.cheapest.any():
+            slope = np.where(self.cheapest, s_free, 1.0 - kappa * s_free)
+            top: Array | float = np.where(self.cheapest, 1.0, -kappa)
+        else:
+            slope, top = 1.0 - kappa * s_free, -kappa
         coupling = np.zeros_like(slope)
         np.divide(top, slope, out=coupling, where=slope > TINY_SLOPE)
         return coupling
@@ -331,7 +399,8 @@ class Response:
         """``d demand_r / d eta_q`` summed over agents: an R x R matrix."""
         z_free = self.z * self.free
         jacobian = (z_free * self.coupling) @ self.gamma_free.T
-        return jacobian - np.diag(z_free.sum(axis=1))
+        jacobian.flat[:: jacobian.shape[0] + 1] -= z_free.sum(axis=1)
+        return jacobian
 
 
 def _pieces(market: Market, log_price: Array) -> _Pieces:
@@ -341,21 +410,38 @@ def _pieces(market: Market, log_price: Array) -> _Pieces:
         clip_hi=market.clip_hi,
         gamma=market.gamma,
         gamma_g=market.gamma_log_gamma - log_price @ market.gamma,
+        log_price=log_price,
     )
 
 
-def best_response(market: Market, log_price: Array) -> Response:
+def best_response(
+    market: Market, log_price: Array, guess: Response | None = None
+) -> Response:
     """Each agent's utility-maximising purchase at prices ``exp(log_price)``.
 
     Below its ceiling an agent equates marginal value and price; if that would
     carry it above the ceiling it buys the cheapest bundle that reaches it.
+    ``guess``, the response at nearby prices, only saves work: most agents
+    keep the same clipped coordinates, so the linear piece they were on
+    usually holds the new root, and checking that costs a few operations.
     """
     pieces = _pieces(market, log_price)
     kappa = 1.0 - market.alpha
     beta = market.log_weight + kappa * market.log_scale
-    m = _solve_pieces(pieces, 1.0, kappa, beta, market.gamma_sum)
-    log_z = _log_bundle(market.active, pieces, m)
+    warm = None if guess is None else guess.piece
+    m = _solve_pieces(pieces, 1.0, kappa, beta, market.gamma_sum, warm)
+    t = m + pieces.g
+    sides = None
+    if kappa != 0.0 and market.steep:
+        # Keep the piece for a warm start at nearby prices. That needs a
+        # unique root (steep); at alpha = 1 m is known without solving.
+        sides = (t <= pieces.clip_lo, t >= pieces.clip_hi)
+    log_z = _log_bundle(market.active, pieces, m, t)
     log_u = market.log_utility(log_z)
+    piece = None
+    if sides is not None:
+        level = log_u - market.log_scale
+        piece = DemandPiece(*sides, m, level, log_price, market.gamma)
     at_ceiling = log_u > market.log_ceiling
 
     if at_ceiling.any():
@@ -363,10 +449,11 @@ def best_response(market: Market, log_price: Array) -> Response:
         part = pieces.agents(agents)
         beta_c = market.log_ceiling[agents] - market.log_scale[agents]
         m_c = _solve_pieces(part, 0.0, -1.0, beta_c, market.gamma_sum[agents])
+        m = m.copy()  # the piece keeps the demand root
         m[agents] = m_c
         log_z[:, agents] = _log_bundle(market.active[:, agents], part, m_c)
         log_u[agents] = market.log_ceiling[agents]
-    return _assemble(market, pieces, m, log_z, log_u, at_ceiling, at_ceiling)
+    return _assemble(market, pieces, m, piece, log_z, log_u, at_ceiling, at_ceiling)
 
 
 def cheapest_response(market: Market, log_price: Array, log_target: Array) -> Response:
@@ -391,12 +478,14 @@ def cheapest_response(market: Market, log_price: Array, log_target: Array) -> Re
     log_z = _log_bundle(market.active, pieces, m)
     log_u = market.log_utility(log_z)
     every = np.ones(market.n_agents, dtype=bool)
-    return _assemble(market, pieces, m, log_z, log_u, every, every)
+    return _assemble(market, pieces, m, None, log_z, log_u, every, every)
 
 
-def _log_bundle(active: Array, pieces: _Pieces, m: Array) -> Array:
-    with np.errstate(invalid="ignore"):
-        log_z = np.minimum(np.maximum(m + pieces.g, pieces.clip_lo), pieces.clip_hi)
+def _log_bundle(
+    active: Array, pieces: _Pieces, m: Array, t: Array | None = None
+) -> Array:
+    # t = m + g if the caller has it already (it is clipped in place).
+    log_z = pieces.clip_in_place(m + pieces.g if t is None else t)
     if not np.isfinite(m).all():
         log_z = np.where(active, log_z, 0.0)
     return np.asarray(log_z)
@@ -406,6 +495,7 @@ def _assemble(
     market: Market,
     pieces: _Pieces,
     m: Array,
+    piece: DemandPiece | None,
     log_z: Array,
     log_u: Array,
     at_ceiling: Array,
@@ -416,7 +506,7 @@ def _assemble(
     # coordinates were not clipped: they get their floor.
     with np.errstate(over="ignore"):
         z = np.exp(log_z)
-    cloud = z - market.local
+    cloud = np.subtract(z, market.local)
     if not market.all_active:
         cloud = np.where(market.active, cloud, market.floor)
     return Response(
@@ -429,6 +519,7 @@ def _assemble(
         log_m=m,
         at_ceiling=at_ceiling,
         cheapest=cheapest,
+        piece=piece,
     )
 
 
@@ -438,6 +529,7 @@ def _solve_pieces(
     kappa: float,
     beta: Array,
     gamma_sum: Array,
+    warm: DemandPiece | None = None,
 ) -> Array:
     """Solve ``rho m - kappa sum_r gamma_r (clip(m, b_lo_r, b_hi_r) + g_r) = beta``.
 
@@ -446,17 +538,25 @@ def _solve_pieces(
     on a flat piece that equals ``beta`` any point of it is returned.
 
     Three tiers, each exact where it applies: the formula with no coordinate
-    clipped; a few Newton steps, each of which solves the linear piece it
-    starts on and is kept when it lands on that same piece; and, for the few
-    agents left, evaluation at every breakpoint.
+    clipped (or, given a ``warm`` piece of the demand equation, the formula
+    on that piece), kept where its root lies on the piece it assumed; a few
+    Newton steps, each of which solves the linear piece it starts on and is
+    kept when it lands on that same piece; and, for the few agents left,
+    evaluation at every breakpoint. With ``kappa = 0`` (alpha = 1) the
+    bundle does not enter the equation and ``m = beta / rho`` outright.
     """
+    if kappa == 0.0:
+        return beta / rho
     offset = beta + kappa * pieces.gamma_g
-    slope = rho - kappa * gamma_sum
-    with np.errstate(divide="ignore", invalid="ignore"):
-        m = offset / slope
-        t = m + pieces.g
-    inside = ((pieces.clip_lo <= t) & (t <= pieces.clip_hi)).all(axis=0)
-    inside &= slope > TINY_SLOPE
+    if warm is None:
+        slope = rho - kappa * gamma_sum
+        with np.errstate(divide="ignore", invalid="ignore"):
+            m = offset / slope
+            t = m + pieces.g
+        inside = (pieces.clip_lo <= t) & (t <= pieces.clip_hi)
+        inside = inside.all(axis=0) & (slope > TINY_SLOPE)
+    else:
+        m, inside = _solve_on_piece(pieces, rho, kappa, beta, warm)
     if inside.all():
         return m
 
@@ -471,6 +571,20 @@ def _solve_pieces(
         left = agents[~found]
         m[left] = _solve_by_breakpoints(pieces.agents(left), rho, kappa, beta[left])
     return m
+
+
+def _solve_on_piece(
+    pieces: _Pieces, rho: float, kappa: float, beta: Array, piece: DemandPiece
+) -> tuple[Array, Array]:
+    # The root of the equation restricted to the piece, and whether it lies
+    # on that piece (the same coordinates clipped on the same sides).
+    top = beta + kappa * (piece.k - pieces.log_price @ piece.gamma_free)
+    slope = rho - kappa * piece.s
+    with np.errstate(divide="ignore", invalid="ignore"):
+        m = top / slope
+        t = m + pieces.g
+    same = ((t <= pieces.clip_lo) == piece.low) & ((t >= pieces.clip_hi) == piece.high)
+    return m, same.all(axis=0) & (slope > TINY_SLOPE) & np.isfinite(m)
 
 
 def _newton_on_pieces(

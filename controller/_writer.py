@@ -58,15 +58,21 @@ def encode_json(value: Any) -> str:
     Any mapping (a ``MappingProxyType`` of a frozen message, say) is written as
     a JSON object, like a dict.
     """
-    return json.dumps(
-        value, allow_nan=False, separators=(",", ":"), default=_mapping_as_dict
-    )
+    return _ENCODER.encode(value)
 
 
 def _mapping_as_dict(value: object) -> dict[Any, Any]:
     if isinstance(value, Mapping):
         return dict(value)
     raise TypeError(f"{type(value).__name__} is not JSON-compatible")
+
+
+# Built once: json.dumps with options builds an encoder per call, and the
+# store encodes two values per telemetry row. Encoding keeps no state between
+# calls, so threads can share it.
+_ENCODER = json.JSONEncoder(
+    allow_nan=False, separators=(",", ":"), default=_mapping_as_dict
+)
 
 
 @dataclass
@@ -95,6 +101,26 @@ class AgentUpdate:
             self.model = later.model
         if later.state is not None:
             self.state = later.state
+
+    def merge_report(
+        self, at: float, seq: int, model: str | None, acked: int | None
+    ) -> None:
+        """Fold in a later telemetry row received at ``at``.
+
+        The same as merging ``AgentUpdate(at, seen=at, seq=seq, model=model,
+        state="online", acked=acked)``, without building it: this runs per
+        report.
+        """
+        if at < self.at:
+            self.at = at
+        if self.seen is None or at > self.seen:
+            self.seen = at
+        if acked is not None and (self.acked is None or acked > self.acked):
+            self.acked = acked
+        self.seq = seq
+        if model is not None:
+            self.model = model
+        self.state = "online"
 
 
 Number = TypeVar("Number", int, float)
@@ -258,14 +284,26 @@ class BatchWriter:
         with self._cond:
             return self._queued_locked()
 
-    def put_telemetry(self, row: TelemetryRow, update: AgentUpdate) -> None:
-        """Queue one telemetry row and what it says about its agent."""
+    def put_telemetry(self, row: TelemetryRow) -> None:
+        """Queue one telemetry row and what it says about its agent.
+
+        The agent is online, was seen when the row was received, has sent
+        the row's seq and acknowledges the row's epoch.
+        """
+        agent, seq, epoch, model, at = row[0], row[1], row[6], row[8], row[9]
         with self._cond:
             if len(self._telemetry) >= self._queue_limit:
                 self._telemetry.popleft()
                 self.dropped += 1
             self._telemetry.append(row)
-            self._merge_agent_locked(row[0], update)
+
+            known = self._pending.agents.get(agent)
+            if known is None:
+                self._pending.agents[agent] = AgentUpdate(
+                    at=at, seen=at, seq=seq, model=model, state="online", acked=epoch
+                )
+            else:
+                known.merge_report(at, seq, model, epoch)
             self._enqueued += 1
             self._wake_locked()
 

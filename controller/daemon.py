@@ -2,8 +2,11 @@
 
 Threads and ownership:
 
-- paho's network thread only puts ``(topic, payload, received_at)`` on the
-  inbox; it never touches the controller's state;
+- paho's network threads only put ``(topic, payload, received_at)`` on an
+  inbox; they never touch the controller's state. The budget arrives on a
+  connection of its own with an inbox of its own, read first, so that a
+  flood of telemetry can neither delay a budget change nor make the broker
+  drop it;
 - the loop thread (the caller of :meth:`Controller.run`) owns all state and
   does everything else, one message at a time, so no state needs a lock;
 - the store's writer thread commits telemetry and learner states in batches.
@@ -53,6 +56,13 @@ from schemas import Kind, Topics
 
 # Largest number of messages handled before the loop looks at its deadlines.
 BATCH = 500
+# The sweeps over every agent (lapsed grants, late acknowledgements, agents
+# gone too long) run at most this often, not after every batch: at 10,000
+# agents a sweep costs milliseconds. Dropping a lapsed grant late only keeps
+# the pool accounting conservative a little longer.
+SWEEP_INTERVAL_S = 0.25
+# Agents named in one late-acknowledgement warning; the rest are counted.
+LATE_AGENTS_LOGGED = 5
 # Longest the loop sleeps when nothing is due, so shutdown stays prompt.
 IDLE_S = 0.25
 # A steady stream of triggers postpones a cycle by at most this many debounce
@@ -97,30 +107,46 @@ class Target:
     solve_seconds: float
 
 
+# Reasons that reallocate at once: an operator's budget or alpha change, and
+# the first cycle after a (re)start, which republishes the restored state.
+URGENT = frozenset({"budget", "restart"})
+
+
 @dataclass
 class Triggers:
-    """Pending reasons to reallocate, debounced."""
+    """Pending reasons to reallocate, debounced.
+
+    A cycle is due once the triggers have been quiet for ``debounce`` seconds
+    (a burst of joins makes one reallocation), at the latest
+    ``MAX_DEBOUNCE_PERIODS`` debounce periods after the first of them, and at
+    once for an urgent reason.
+    """
 
     debounce: float
     reasons: set[str] = field(default_factory=set)
     first_at: float = math.inf
     last_at: float = -math.inf
+    urgent_at: float = math.inf
 
     def add(self, reason: str, now: float) -> None:
         self.reasons.add(reason)
         self.first_at = min(self.first_at, now)
         self.last_at = now
+        if reason in URGENT:
+            self.urgent_at = min(self.urgent_at, now)
 
     def due_at(self) -> float:
         if not self.reasons:
             return math.inf
         quiet = self.last_at + self.debounce
-        return min(quiet, self.first_at + MAX_DEBOUNCE_PERIODS * self.debounce)
+        latest = self.first_at + MAX_DEBOUNCE_PERIODS * self.debounce
+        return min(quiet, latest, self.urgent_at)
 
     def take(self) -> str:
         reasons = ",".join(sorted(self.reasons))
         self.reasons.clear()
         self.first_at, self.last_at = math.inf, -math.inf
+        self.urgent_at = math.inf
         return reasons
 
 
@@ -169,12 +195,25 @@ class Controller:
         self.target: Target | None = None
         self.last_cycle_at = -math.inf
         self.last_saved_at = -math.inf
+        self.last_sweep_at = -math.inf
+        self.last_fit_check_at = -math.inf
         # Agents whose learner changed since their state was last queued.
         self.dirty: set[str] = set()
+        # Agents that reported since their fit was last compared with the
+        # accuracy their allocation was expected to give.
+        self.refit: set[str] = set()
         # Agents already warned about for not acknowledging their latest grant.
         self.late: set[str] = set()
+        # Each agent's exploration draw (standard normals), held between ticks.
+        self.draws: dict[str, np.ndarray] = {}
         self.inbox: queue.Queue[tuple[str, bytes, float]] = queue.Queue(INBOX_LIMIT)
+        self.control_inbox: queue.SimpleQueue[tuple[str, bytes, float]] = (
+            queue.SimpleQueue()
+        )
         self.client: paho.Client | None = None
+        self.control_client: paho.Client | None = None
+        # The received counter of each kind of event, looked up once.
+        self._received: dict[type, Any] = {}
 
     # -- lifecycle ---------------------------------------------------------
 
@@ -182,6 +221,7 @@ class Controller:
         """Restore state, connect, and loop until ``stop`` is set."""
         self.restore()
         self.client = self._connect()
+        self.control_client = self._connect_control()
         self.log.info("controller_started", fleet=self.fleet, epoch=self.epoch)
         self.triggers.add("restart", self.clock())
         try:
@@ -207,9 +247,16 @@ class Controller:
         """(Re)subscribe and announce ourselves; runs on every (re)connect."""
         if code.is_failure:
             return
-        for kind in (Kind.TELEMETRY, Kind.AGENT_STATUS):
-            client.subscribe(self.topics.any_agent(kind), qos=1)
-        client.subscribe(self.topics.budget, qos=1)
+        # Telemetry at QoS 0: acknowledging each report would cost paho a
+        # send per message (about as much again as receiving it), and the
+        # broker's queue for an absent or lagging controller (max_queued_messages)
+        # holds a fraction of a second of a large fleet's telemetry either way.
+        # Reports are periodic, so one lost only delays a fit or an
+        # acknowledgement. Presence (births and last wills) stays at QoS 1.
+        client.subscribe(self.topics.any_agent(Kind.TELEMETRY), qos=0)
+        client.subscribe(self.topics.any_agent(Kind.AGENT_STATUS), qos=1)
+        # Sessions kept by the broker from older versions also had the budget.
+        client.unsubscribe(self.topics.budget)
         birth = schemas.controller_status(state="online")
         client.publish(
             self.topics.controller_status,
@@ -218,12 +265,40 @@ class Controller:
             retain=True,
         )
 
+    def _connect_control(self) -> paho.Client:
+        """The budget's own session: never queued behind telemetry."""
+        client_id = f"fairsynergy-controller-{self.fleet}-control"
+        client = make_client(self.broker, client_id)
+        client.on_message = self._on_control_message
+        client.on_connect = self._on_control_connect
+        connect(client)
+        return client
+
+    def _on_control_connect(
+        self, client: paho.Client, _u: object, _f: object, code: ReasonCode, _p: object
+    ) -> None:
+        if not code.is_failure:
+            client.subscribe(self.topics.budget, qos=1)
+
     def _on_message(
         self, _c: paho.Client, _u: object, message: paho.MQTTMessage
     ) -> None:
+        if message.topic == self.topics.budget:
+            return  # a session from before the budget had its own: stale order
         self.inbox.put((message.topic, bytes(message.payload), self.clock()))
 
+    def _on_control_message(
+        self, _c: paho.Client, _u: object, message: paho.MQTTMessage
+    ) -> None:
+        self.control_inbox.put((message.topic, bytes(message.payload), self.clock()))
+        # Wake the loop if it is waiting for telemetry.
+        self.inbox.put(_WAKE)
+
     def _shutdown(self) -> None:
+        control, self.control_client = self.control_client, None
+        if control is not None:
+            control.disconnect()
+            control.loop_stop()
         client, self.client = self.client, None
         if client is not None:
             bye = schemas.controller_status(state="offline")
@@ -250,31 +325,53 @@ class Controller:
         return min(IDLE_S, max(0.0, due - self.clock()))
 
     def step(self, wait: float) -> None:
-        """Handle what arrived (waiting up to ``wait``), then run what is due."""
+        """Handle what arrived (waiting up to ``wait``), then run what is due.
+
+        Budget messages are read first, before each batch of telemetry.
+        """
         try:
             first = (
                 self.inbox.get(timeout=wait) if wait > 0 else self.inbox.get_nowait()
             )
         except queue.Empty:
             first = None
+        self._receive_control()
         if first is not None:
-            self.receive(*first)
+            self._handle(first)
             for _ in range(BATCH):
                 try:
-                    self.receive(*self.inbox.get_nowait())
+                    self._handle(self.inbox.get_nowait())
                 except queue.Empty:
                     break
         self.housekeeping(self.clock())
+
+    def _handle(self, item: tuple[str, bytes, float]) -> None:
+        if item is not _WAKE:
+            self.receive(*item)
+
+    def _receive_control(self) -> None:
+        while True:
+            try:
+                self.receive(*self.control_inbox.get_nowait())
+            except queue.Empty:
+                return
 
     def receive(self, topic: str, payload: bytes, now: float) -> None:
         """Ingest one message. Never raises: a failure is logged and counted."""
         try:
             event = self.ingest.handle(topic, payload, now, self._granted)
-            self.metrics.received.labels(kind=_kind_label(event)).inc()
+            self._count_received(event)
             self.apply(event, now)
         except Exception:
             self.metrics.rejected.labels(kind="unknown", reason="internal").inc()
             self.log.exception("message_failed", topic=topic, payload=excerpt(payload))
+
+    def _count_received(self, event: Event) -> None:
+        counter = self._received.get(type(event))
+        if counter is None:
+            counter = self.metrics.received.labels(kind=_kind_label(event))
+            self._received[type(event)] = counter
+        counter.inc()
 
     def _granted(self, agent: str) -> dict[str, float]:
         return self.ledger.held_by(agent)
@@ -319,22 +416,42 @@ class Controller:
                 model=report.model,
             )
             self.dirty.add(report.agent)
-            self._check_fit(report.agent, info, now)
+            self.refit.add(report.agent)
         if report.epoch is not None:
             released = self.ledger.acknowledge(report.agent, report.epoch)
             self.late.discard(report.agent)
             if released and not self.transition_complete:
                 self.triggers.add("ack", now)
 
-    def _check_fit(self, agent: str, info: AgentInfo, now: float) -> None:
-        latest = self.ledger.latest(agent)
-        if latest is None or info.expected_accuracy is None:
+    def check_fits(self, now: float) -> None:
+        """Trigger a reallocation if a fit moved enough to matter.
+
+        Compares, for each agent that reported since the last check, the
+        accuracy its fit now predicts at its current amounts with what the
+        last cycle expected. Runs once per debounce period, not per report:
+        an agent reporting many times a second is checked once.
+        """
+        pending, self.refit = self.refit, set()
+        if self._learner is None:
             return
-        totals = {
-            r: info.local.get(r, 0.0) + latest.cloud.get(r, 0.0) for r in self.resources
-        }
-        predicted = self.learner[agent].predict_one(totals)
-        if abs(predicted - info.expected_accuracy) > self.config.fit_change:
+        agents, expected, totals = [], [], []
+        names = self.resources
+        for agent in pending:
+            info = self.agents.get(agent)
+            latest = self.ledger.latest(agent)
+            if info is None or latest is None or info.expected_accuracy is None:
+                continue
+            if agent not in self._learner:
+                continue
+            agents.append(agent)
+            expected.append(info.expected_accuracy)
+            cloud = latest.cloud
+            totals.append([info.local.get(r, 0.0) + cloud.get(r, 0.0) for r in names])
+        if not agents:
+            return
+        predicted = self._learner.predict_many(agents, np.array(totals))
+        moved = np.abs(predicted - np.array(expected)) > self.config.fit_change
+        if moved.any():
             self.triggers.add("fit", now)
 
     def on_status(self, status: AgentStatus, now: float) -> None:
@@ -387,6 +504,7 @@ class Controller:
     def _change_resources(self, resources: tuple[str, ...]) -> None:
         """A new set of resources is a new model: learning starts again."""
         self.resources = resources
+        self.draws.clear()
         self._learner = FleetLearner(resources)
         for agent, info in self.agents.items():
             self._learner.add_agent(agent, model=info.model)
@@ -426,18 +544,13 @@ class Controller:
     # -- deadlines ---------------------------------------------------------
 
     def housekeeping(self, now: float) -> None:
-        """Lapse grants, release agents gone too long, and run a due cycle."""
-        if self.ledger.expire(now):
-            self.triggers.add("expiry", now)
-        for agent in self.ledger.unacknowledged(now, self.config.ack_timeout):
-            if agent not in self.late:
-                self.late.add(agent)
-                self.metrics.unacknowledged.inc()
-                self.log.warning("agent_not_acknowledging", agent=agent)
-        for agent, info in list(self.agents.items()):
-            since = info.offline_since
-            if since is not None and now - since >= self.config.offline_grace:
-                self._leave(agent, now)
+        """Sweep the fleet, check fits, save learners, and run a due cycle."""
+        if now >= self.last_sweep_at + SWEEP_INTERVAL_S:
+            self.sweep(now)
+            self.last_sweep_at = now
+        if now >= self.last_fit_check_at + self.config.debounce:
+            self.check_fits(now)
+            self.last_fit_check_at = now
         if now >= self.last_cycle_at + self.config.reallocation_interval:
             self.triggers.add("tick", now)
         if now >= self.last_saved_at + STATE_SAVE_INTERVAL_S:
@@ -450,9 +563,33 @@ class Controller:
             except Exception:
                 self.log.exception("cycle_failed", trigger=trigger, epoch=self.epoch)
 
+    def sweep(self, now: float) -> None:
+        """Lapse grants, warn of late acknowledgements, drop agents gone too long."""
+        if self.ledger.expire(now):
+            self.triggers.add("expiry", now)
+        late = [
+            agent
+            for agent in self.ledger.unacknowledged(now, self.config.ack_timeout)
+            if agent not in self.late
+        ]
+        if late:
+            self.late.update(late)
+            self.metrics.unacknowledged.inc(len(late))
+            self.log.warning(
+                "agents_not_acknowledging",
+                count=len(late),
+                agents=sorted(late)[:LATE_AGENTS_LOGGED],
+                epoch=self.epoch,
+            )
+        for agent, info in list(self.agents.items()):
+            since = info.offline_since
+            if since is not None and now - since >= self.config.offline_grace:
+                self._leave(agent, now)
+
     def _leave(self, agent: str, now: float) -> None:
         """Stop allocating to ``agent``; its last grant counts until it expires."""
         self.agents.pop(agent, None)
+        self.draws.pop(agent, None)
         if self._learner is not None:
             self._learner.remove_agent(agent)
         self.ingest.forget(agent)
@@ -480,7 +617,10 @@ class Controller:
         started = time.perf_counter()
         budget = self._available_budget(active)
         target = self.target
-        continuing = set(trigger.split(",")) <= {"ack", "expiry"}
+        reasons = set(trigger.split(","))
+        if reasons & {"tick", "budget"}:
+            self.draws.clear()  # a new exploration draw for everyone
+        continuing = reasons <= {"ack", "expiry"}
         if target is None or target.agents != tuple(active) or not continuing:
             target = self._solve(active, budget)
 
@@ -515,7 +655,7 @@ class Controller:
             estimates, self.resources, budget, alpha=alpha, weight=weight
         )
         sample = problem_from_estimates(
-            self.learner.sample(self.rng, active),
+            self.learner.sample_from(self._draws(active), active),
             self.resources,
             budget,
             alpha=alpha,
@@ -534,6 +674,19 @@ class Controller:
             exploration=exploration.share,
             solve_seconds=time.perf_counter() - started,
         )
+
+    def _draws(self, active: list[str]) -> np.ndarray:
+        """The standard normals of each agent's exploration draw, held per agent.
+
+        Held between periodic ticks (and drawn for agents new since), so that
+        a cycle for a moved fit or a joining agent re-solves with the same
+        exploration draw instead of moving every agent to a new one.
+        """
+        size = len(self.resources) + 1
+        for agent in active:
+            if agent not in self.draws:
+                self.draws[agent] = self.rng.standard_normal(size)
+        return np.array([self.draws[agent] for agent in active]).reshape(-1, size)
 
     def _needs_grant(self, agent: str, now: float) -> bool:
         """No live grant, or one past half its lease: publish (renew) it now."""
@@ -578,22 +731,26 @@ class Controller:
         """
         published = set(changed)
         lease = self.config.grant_lease
+        held = np.maximum(self.ledger.held(active, self.resources), cloud)
+        expected = np.clip(expected, 0.0, 1.0)
         shares: dict[str, dict[str, Any]] = {}
-        for row, agent in enumerate(active):
+        columns = (cloud.tolist(), held.tolist(), expected.tolist())
+        for agent, amounts, most, accuracy in zip(active, *columns, strict=True):
             latest = self.ledger.latest(agent)
             if agent in published or latest is None:
                 latest = Grant(self.epoch, {}, now, now + lease)
-            held = np.maximum(self.ledger.held([agent], self.resources)[0], cloud[row])
             shares[agent] = {
-                "cloud": self._amounts(cloud[row]),
-                "expected_accuracy": float(np.clip(expected[row], 0.0, 1.0)),
+                "cloud": dict(zip(self.resources, amounts, strict=True)),
+                "expected_accuracy": accuracy,
                 "epoch": latest.epoch,
                 "published_at": latest.published_at,
                 "expires": latest.expires,
-                "held": self._amounts(held),
+                "held": dict(zip(self.resources, most, strict=True)),
             }
-            self.agents[agent].expected_accuracy = shares[agent]["expected_accuracy"]
-        for agent in set(self.ledger.agents()) - set(active):
+            self.agents[agent].expected_accuracy = accuracy
+        away = sorted(set(self.ledger.agents()) - set(active))
+        away_held = self.ledger.held(away, self.resources).tolist()
+        for agent, most in zip(away, away_held, strict=True):
             grant = self.ledger.latest(agent)
             assert grant is not None
             shares[agent] = {
@@ -601,7 +758,7 @@ class Controller:
                 "epoch": grant.epoch,
                 "published_at": grant.published_at,
                 "expires": grant.expires,
-                "held": self._amounts(self.ledger.held([agent], self.resources)[0]),
+                "held": dict(zip(self.resources, most, strict=True)),
                 "away": True,
             }
         self.store.record_allocation(
@@ -625,6 +782,11 @@ class Controller:
         prices: dict[str, float],
         now: float,
     ) -> None:
+        """Grant and publish the changed agents' shares, then the fleet summary.
+
+        The builders check each message against the contract, so it is only
+        serialised (``schemas.dump``), not checked again.
+        """
         expires = now + self.config.grant_lease
         for agent in changed:
             share = shares[agent]
@@ -641,7 +803,7 @@ class Controller:
             if self.client is not None:
                 self.client.publish(
                     self.topics.for_agent(agent).allocation,
-                    schemas.encode(Kind.ALLOCATION, message),
+                    schemas.dump(Kind.ALLOCATION, message),
                     qos=1,
                     retain=True,
                 )
@@ -659,9 +821,7 @@ class Controller:
         if self.client is not None:
             self.client.publish(
                 self.topics.allocations,
-                schemas.encode(
-                    Kind.FLEET_SUMMARY, summary, max_bytes=SUMMARY_MAX_BYTES
-                ),
+                schemas.dump(Kind.FLEET_SUMMARY, summary, max_bytes=SUMMARY_MAX_BYTES),
                 qos=1,
                 retain=True,
             )
@@ -753,8 +913,7 @@ class Controller:
 
         states = self.store.learner_states()
         if self._learner is not None:
-            for agent, state in states.items():
-                self._learner.restore_agent(agent, state)
+            self._learner.restore_agents(states)
             for agent, info in self.agents.items():
                 if agent not in self._learner:
                     self._learner.add_agent(agent, model=info.model)
@@ -764,6 +923,10 @@ class Controller:
             agents=len(self.agents),
             learners=len(states),
         )
+
+
+# Put on the inbox to wake a waiting loop; never handled as a message.
+_WAKE = ("", b"", 0.0)
 
 
 def _kind_label(event: Event) -> str:

@@ -26,6 +26,7 @@ from schemas import (
     Kind,
     MessageError,
     TopicError,
+    TopicName,
     alpha_from_wire,
     decode,
     parse_topic,
@@ -44,6 +45,13 @@ MAX_LOCAL_FACTOR = 10.0
 CONFIRMATIONS = 3
 # Cloud use may exceed the grant by this relative margin (rounding, metering).
 CLOUD_TOLERANCE = 0.01
+# Parsed topics kept, so that each agent's topic is parsed once, not per
+# message: a few per agent of the largest fleets. Anyone may publish under
+# the fleet's prefix, so the cache starts over when it is full.
+TOPIC_CACHE_SIZE = 65_536
+
+# Kinds the controller publishes itself and receives back as echoes.
+_OWN_KINDS = frozenset({Kind.ALLOCATION, Kind.FLEET_SUMMARY, Kind.CONTROLLER_STATUS})
 
 
 @dataclass(frozen=True)
@@ -142,6 +150,7 @@ class Ingest:
         self.max_payload_bytes = max_payload_bytes
         self.limiter = RateLimiter(rate_limit, rate_burst)
         self._history: dict[str, AgentHistory] = {}
+        self._topics: dict[str, TopicName] = {}
 
     def restore_seq(self, agent: str, seq: int) -> None:
         """After a restart: duplicates of reports already stored stay duplicates."""
@@ -163,13 +172,15 @@ class Ingest:
         ``granted(agent)`` is the most cloud of each resource that agent may
         hold now: reports of using more are refused.
         """
-        try:
-            name = parse_topic(topic)
-        except TopicError as error:
-            return Rejected(topic, "unknown", "topic", str(error), notify=False)
+        name = self._topics.get(topic)
+        if name is None:
+            try:
+                name = self._parse_topic(topic)
+            except TopicError as error:
+                return Rejected(topic, "unknown", "topic", str(error), notify=False)
         if name.fleet != self.fleet:
             return Rejected(topic, name.kind, "fleet", "another fleet", notify=False)
-        if name.kind in (Kind.ALLOCATION, Kind.FLEET_SUMMARY, Kind.CONTROLLER_STATUS):
+        if name.kind in _OWN_KINDS:
             return Ignored(topic)
         limited = name.kind is Kind.TELEMETRY and name.agent is not None
         if limited and not self.limiter.allow(str(name.agent), now):
@@ -190,6 +201,14 @@ class Ingest:
                 error.seq,
             )
         return self._event(topic, name.kind, name.agent, message, granted)
+
+    def _parse_topic(self, topic: str) -> TopicName:
+        """Parse a topic not seen before and remember it; TopicError if bad."""
+        name = parse_topic(topic)
+        if len(self._topics) >= TOPIC_CACHE_SIZE:
+            self._topics.clear()
+        self._topics[topic] = name
+        return name
 
     def _event(
         self,
@@ -268,20 +287,25 @@ class Ingest:
         return report
 
 
-def telemetry_event(agent: str, message: Mapping[str, object]) -> Telemetry:
-    """A validated telemetry message as an event."""
+def telemetry_event(agent: str, message: Mapping[str, Any]) -> Telemetry:
+    """A validated telemetry message as an event.
+
+    The event takes ``local`` and ``cloud`` over from the message instead of
+    copying them: a message fresh from :func:`schemas.decode` has no other
+    owner. Copy them first to keep changing the message.
+    """
     load = message.get("load")
     epoch = message.get("epoch")
     return Telemetry(
-        agent=agent,
-        seq=int(message["seq"]),  # type: ignore[call-overload]
-        ts=float(message["ts"]),  # type: ignore[arg-type]
-        accuracy=float(message["accuracy"]),  # type: ignore[arg-type]
-        local=dict(message["local"]),  # type: ignore[call-overload]
-        cloud=dict(message["cloud"]),  # type: ignore[call-overload]
-        epoch=None if epoch is None else int(epoch),  # type: ignore[call-overload]
-        load=None if load is None else float(load),  # type: ignore[arg-type]
-        model=message.get("model"),  # type: ignore[arg-type]
+        agent,
+        int(message["seq"]),
+        float(message["ts"]),
+        float(message["accuracy"]),
+        message["local"],
+        message["cloud"],
+        None if epoch is None else int(epoch),
+        None if load is None else float(load),
+        message.get("model"),
     )
 
 
@@ -306,6 +330,8 @@ def implausible_change(
     jump = abs(report.accuracy - history.accuracy)
     if jump > MAX_ACCURACY_JUMP:
         return "accuracy", f"accuracy jumped by {jump:.2f} since the last report"
+    if report.local == history.local:  # the usual case: the same hardware
+        return None
     for resource, amount in report.local.items():
         before = history.local.get(resource)
         if before is None or before <= 0 or amount <= 0:

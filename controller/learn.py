@@ -16,12 +16,15 @@ docs/learning.md explains the choices and their measured cost.
 
 from __future__ import annotations
 
+import gc
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from itertools import chain
 from typing import Any
 
 import numpy as np
 
+from controller import _posterior as linalg
 from controller._agent_learner import (
     STATE_VERSION,
     Outcome,
@@ -103,6 +106,7 @@ class FleetLearner:
         self.pool_min_samples = pool_min_samples
 
         self._resources = tuple(resources)
+        self._size = len(self._resources) + 1
         self._template = learner if learner is not None else UtilityLearner(resources)
         if tuple(self._template.resources) != self._resources:
             raise FairsynergyError(
@@ -161,6 +165,25 @@ class FleetLearner:
             learner, state["model"], tuple(state["local"]), state["seq"]
         )
 
+    def restore_agents(self, states: Mapping[str, Mapping[str, Any]]) -> None:
+        """Put back many agents at once (a restart), as :meth:`restore_agent` each.
+
+        Python's cyclic garbage collector is paused meanwhile: restoring
+        10,000 agents allocates a few hundred thousand small objects, and the
+        collections they trigger would otherwise take about as long as the
+        restoring itself. Pausing only defers collection (and learners with
+        the default detector make no reference cycles to collect). Stops at
+        the first state refused; the agents before it stay restored.
+        """
+        paused = gc.isenabled()
+        gc.disable()
+        try:
+            for agent, state in states.items():
+                self.restore_agent(agent, state)
+        finally:
+            if paused:
+                gc.enable()
+
     def __contains__(self, agent: object) -> bool:
         return agent in self._agents
 
@@ -217,12 +240,9 @@ class FleetLearner:
         if seq is not None:
             entry.seq = seq
         resources = self._resources
-        entry.local = tuple([local.get(r, 0.0) for r in resources])
-        totals = {
-            r: mine + cloud.get(r, 0.0)
-            for r, mine in zip(resources, entry.local, strict=True)
-        }
-        outcome = entry.learner._learn_one(totals, accuracy)
+        entry.local = mine = tuple([local.get(r, 0.0) for r in resources])
+        totals = [m + cloud.get(r, 0.0) for r, m in zip(resources, mine, strict=False)]
+        outcome = entry.learner._learn_amounts(totals, accuracy)
 
         self._updates_since_pool += 1
         if outcome is Outcome.DRIFT:
@@ -314,52 +334,116 @@ class FleetLearner:
 
     def estimates(self, agents: Iterable[str] | None = None) -> Estimates:
         """The solver's arrays at each agent's estimate (feasible posterior mode)."""
-        chosen = self._choose(agents)
-        thetas = [self._agents[a].learner._theta() for a in chosen]
-        return self._arrays(chosen, thetas)
+        chosen, learners = self._choose(agents)
+        theta = _stack([learner._theta() for learner in learners], self._size)
+        return self._arrays(chosen, learners, theta)
 
     def sample(
         self, rng: np.random.Generator, agents: Iterable[str] | None = None
     ) -> Estimates:
-        """The solver's arrays at one Thompson sample from each agent's posterior."""
-        chosen = self._choose(agents)
-        normals = rng.standard_normal((len(chosen), len(self._resources) + 1))
-        thetas = [
-            self._agents[a].learner._draw(row)
-            for a, row in zip(chosen, normals.tolist(), strict=True)
-        ]
-        return self._arrays(chosen, thetas)
+        """The solver's arrays at one Thompson sample from each agent's posterior.
 
-    def _choose(self, agents: Iterable[str] | None) -> tuple[str, ...]:
+        Draws one row of ``R + 1`` standard normals per agent from ``rng``
+        and hands them to :meth:`sample_from`.
+        """
         chosen = tuple(self._agents) if agents is None else tuple(agents)
-        missing = [a for a in chosen if a not in self._agents]
-        if missing:
+        normals = rng.standard_normal((len(chosen), len(self._resources) + 1))
+        return self.sample_from(normals, chosen)
+
+    def sample_from(
+        self, normals: np.ndarray, agents: Iterable[str] | None = None
+    ) -> Estimates:
+        """The Thompson sample that given standard normals make, row per agent.
+
+        ``normals`` is ``(N, R + 1)``, row ``i`` for ``agents[i]``: the log
+        scale first, then one per resource. The sample is ``m + L z`` with
+        ``L`` the Cholesky factor of the agent's posterior covariance, made
+        feasible like :meth:`UtilityLearner.sample`. Holding ``normals``
+        fixed holds one exploration draw fixed while the posteriors move.
+        """
+        chosen, learners = self._choose(agents)
+        n, size = len(chosen), self._size
+        normals = np.asarray(normals, dtype=float)
+        if normals.shape != (n, size):
+            raise FairsynergyError(
+                f"normals have shape {normals.shape}; expected {(n, size)}: one "
+                "row per agent, log scale first, then one per resource"
+            )
+
+        mean = _stack([learner._mean for learner in learners], size)
+        cov = _stack([learner._cov for learner in learners], size * size)
+        cov = cov.reshape(n, size, size)
+        theta = mean + np.einsum("nij,nj->ni", _cholesky_many(cov), normals)
+        limit = np.array([learner.elasticity_max for learner in learners])
+        outside = (theta[:, 1:].min(axis=1) < 0.0) | (theta[:, 1:].sum(axis=1) > limit)
+        if outside.any():
+            theta[outside] = _feasible_many(
+                theta[outside], cov[outside], limit[outside], learners, outside
+            )
+        return self._arrays(chosen, learners, theta, cov)
+
+    def predict_many(self, agents: Sequence[str], totals: np.ndarray) -> np.ndarray:
+        """:meth:`UtilityLearner.predict_one` for many agents at once.
+
+        ``totals`` is ``(N, R)``: row ``i`` holds the total amounts (local
+        plus cloud) of ``agents[i]`` in resource order. The values are
+        exactly those of ``fleet[agent].predict_one``.
+        """
+        chosen, learners = self._choose(agents)
+        totals = np.asarray(totals, dtype=float)
+        if totals.shape != (len(chosen), len(self._resources)):
+            raise FairsynergyError(
+                f"totals have shape {totals.shape}; expected "
+                f"{(len(chosen), len(self._resources))}: one row per agent, "
+                "one column per resource"
+            )
+        rows = totals.tolist()
+        predicted = [
+            learner._predict(row) for learner, row in zip(learners, rows, strict=True)
+        ]
+        return np.array(predicted, dtype=float)
+
+    def _choose(
+        self, agents: Iterable[str] | None
+    ) -> tuple[tuple[str, ...], list[UtilityLearner]]:
+        chosen = tuple(self._agents) if agents is None else tuple(agents)
+        entries = self._agents
+        try:
+            learners = [entries[a].learner for a in chosen]
+        except KeyError:
+            missing = [a for a in chosen if a not in entries]
             raise FairsynergyError(
                 f"no learner for agent(s) {missing[:5]}; known agents send "
                 "telemetry first or are added with add_agent"
-            )
-        return chosen
+            ) from None
+        return chosen, learners
 
-    def _arrays(self, agents: tuple[str, ...], thetas: list[list[float]]) -> Estimates:
-        n, r = len(agents), len(self._resources)
-        theta = np.array(thetas, dtype=float).reshape(n, r + 1)
-        entries = [self._agents[a] for a in agents]
-        sd = np.array(
-            [list(e.learner.uncertainty.values())[1:] for e in entries], dtype=float
-        ).reshape(n, r)
-        prior_sd = np.array(
-            [e.learner.current_prior.sd[1:] for e in entries], dtype=float
-        ).reshape(n, r)
+    def _arrays(
+        self,
+        agents: tuple[str, ...],
+        learners: list[UtilityLearner],
+        theta: np.ndarray,
+        cov: np.ndarray | None = None,
+    ) -> Estimates:
+        r, size = len(self._resources), self._size
+        if cov is None:
+            step = size + 1
+            variance = _stack([learner._cov[step::step] for learner in learners], r)
+        else:
+            variance = np.diagonal(cov, axis1=1, axis2=2)[:, 1:]
+        sd = np.sqrt(np.maximum(variance, 0.0))
+        prior_sd = _stack([learner._prior.sd for learner in learners], size)[:, 1:]
+        confident_sd = np.array([learner.confident_sd for learner in learners])
 
         return Estimates(
             agents=agents,
             scale=np.exp(theta[:, 0]),
             elasticity=theta[:, 1:],
-            local=np.array([e.local for e in entries], dtype=float).reshape(n, r),
-            ceiling=np.array([e.learner.ceiling for e in entries], dtype=float),
+            local=_stack([self._agents[a].local for a in agents], r),
+            ceiling=np.array([learner.ceiling for learner in learners], dtype=float),
             sd_elasticity=sd,
             uncertainty=np.clip((sd / prior_sd).max(axis=1, initial=0.0), 0.0, 1.0),
-            confident=np.array([e.learner.confident for e in entries], dtype=bool),
+            confident=variance.max(axis=1) <= confident_sd**2,
         )
 
     # ------------------------------------------------------------------ state
@@ -398,8 +482,7 @@ class FleetLearner:
             pool_min_agents=state["pool_min_agents"],
             pool_min_samples=state["pool_min_samples"],
         )
-        for saved in state["agents"]:
-            fleet.restore_agent(saved["agent"], saved)
+        fleet.restore_agents({saved["agent"]: saved for saved in state["agents"]})
         fleet._pools = {
             p["model"]: Prior.from_state(p["prior"]) for p in state["pools"]
         }
@@ -407,3 +490,56 @@ class FleetLearner:
         fleet._n_duplicates = state["n_duplicates"]
         fleet._n_stale = state["n_stale"]
         return fleet
+
+
+def _stack(rows: Sequence[Sequence[float]], width: int) -> np.ndarray:
+    """Rows of ``width`` floats as an ``(N, width)`` array.
+
+    Faster than ``np.array`` on a list of lists, which inspects every row.
+    """
+    flat = np.fromiter(chain.from_iterable(rows), dtype=float, count=len(rows) * width)
+    return flat.reshape(len(rows), width)
+
+
+def _feasible_many(
+    theta: np.ndarray,
+    cov: np.ndarray,
+    limit: np.ndarray,
+    learners: Sequence[UtilityLearner],
+    rows: np.ndarray,
+) -> np.ndarray:
+    """:meth:`UtilityLearner._feasible` (no lift) for a stack of draws.
+
+    The elasticities are projected in each posterior's metric, and the log
+    scale moves to its conditional mean given them, ``C_ag C_gg^-1 (g - m_g)``.
+    Should a covariance be too close to singular for numpy's batched solve,
+    the draws (``rows`` of ``learners``) go through the learners one by one.
+    """
+    gamma, block = theta[:, 1:], cov[:, 1:, 1:]
+    try:
+        target = linalg.project_many(gamma, block, limit)
+        weights = np.linalg.solve(block, cov[:, 1:, :1])[..., 0]
+    except np.linalg.LinAlgError:
+        chosen = [learners[i] for i in np.flatnonzero(rows).tolist()]
+        moved = [
+            learner._feasible(draw)
+            for learner, draw in zip(chosen, theta.tolist(), strict=True)
+        ]
+        return np.array(moved, dtype=float)
+    scale = theta[:, 0] + np.einsum("kr,kr->k", weights, target - gamma)
+    return np.column_stack([scale, target])
+
+
+def _cholesky_many(cov: np.ndarray) -> np.ndarray:
+    """Lower Cholesky factors of a stack of covariances.
+
+    numpy's factorisation refuses a matrix that rounding has left a hair
+    short of positive definite; the learner's own factorisation floors such
+    a pivot instead, so those (rare) stacks are factorised one by one.
+    """
+    try:
+        return np.linalg.cholesky(cov)
+    except np.linalg.LinAlgError:
+        return np.array([linalg.cholesky(matrix) for matrix in cov.tolist()]).reshape(
+            cov.shape
+        )

@@ -156,23 +156,23 @@ class GrantLedger:
 
     def held(self, agents: Sequence[str], resources: Sequence[str]) -> FloatArray:
         """Per agent and resource, the most it may be using: the max of its grants."""
-        held = np.zeros((len(agents), len(resources)))
-        for row, agent in enumerate(agents):
+        rows = []
+        for agent in agents:
             entry = self._agents.get(agent)
-            for grant in entry.grants if entry else ():
-                for column, resource in enumerate(resources):
-                    amount = grant.cloud.get(resource, 0.0)
-                    held[row, column] = max(held[row, column], amount)
-        return held
+            grants = entry.grants if entry else []
+            rows.append(
+                [max([0.0, *(g.cloud.get(r, 0.0) for g in grants)]) for r in resources]
+            )
+        return _matrix(rows, len(resources))
 
     def current(self, agents: Sequence[str], resources: Sequence[str]) -> FloatArray:
         """Per agent and resource, the latest live grant (0 if none)."""
-        current = np.zeros((len(agents), len(resources)))
-        for row, agent in enumerate(agents):
+        rows = []
+        for agent in agents:
             latest = self.latest(agent)
-            if latest is not None:
-                current[row] = [latest.cloud.get(r, 0.0) for r in resources]
-        return current
+            cloud = latest.cloud if latest is not None else {}
+            rows.append([cloud.get(r, 0.0) for r in resources])
+        return _matrix(rows, len(resources))
 
     def total_held(self, resources: Iterable[str]) -> dict[str, float]:
         names = list(resources)
@@ -225,3 +225,8 @@ def plan_transition(
     complete = not np.any(np.abs(cloud - target) > band)
     after = np.maximum(held, cloud).sum(axis=0)
     return Transition(cloud, publish, complete, np.maximum(after - budget, 0.0))
+
+
+def _matrix(rows: list[list[float]], columns: int) -> FloatArray:
+    """Rows of floats as an ``(len(rows), columns)`` array, also when empty."""
+    return np.array(rows, dtype=float).reshape(len(rows), columns)

@@ -176,6 +176,8 @@ class Store:
         self._connections_lock = threading.Lock()
         self._epoch_lock = threading.Lock()
         self._closed = False
+        # Per (agent, "local" or "cloud"): the last amounts written, and their JSON.
+        self._amounts_cache: dict[tuple[str, str], tuple[dict[str, float], str]] = {}
 
         self._writer: BatchWriter | None = None
         try:
@@ -266,24 +268,36 @@ class Store:
         carrying an epoch also acknowledges it (``last_epoch_acked`` only
         grows).
         """
-        self._check_writable()
-        now = self._clock()
+        writer = self._queue()
         row = (
             _agent_id(agent),
             seq,
             ts,
             accuracy,
-            _encode(local, f"telemetry local of agent {agent}"),
-            _encode(cloud, f"telemetry cloud of agent {agent}"),
+            self._amounts_text(agent, "local", local),
+            self._amounts_text(agent, "cloud", cloud),
             epoch,
             load,
             model,
-            now,
+            self._clock(),
         )
-        update = AgentUpdate(
-            at=now, seen=now, seq=seq, model=model, state="online", acked=epoch
-        )
-        self._queue().put_telemetry(row, update)
+        writer.put_telemetry(row)
+
+    def _amounts_text(self, agent: str, name: str, amounts: Mapping[str, float]) -> str:
+        """The JSON of a report's amounts, reusing the agent's previous text.
+
+        On-board amounts are hardware and cloud amounts change with the grant,
+        so most reports repeat the previous ones: comparing two small dicts
+        costs a fraction of encoding one. Equal amounts are equal numbers, so
+        ``1`` may be stored as an earlier report's ``1.0``.
+        """
+        key = (agent, name)
+        cached = self._amounts_cache.get(key)
+        if cached is not None and cached[0] == amounts:
+            return cached[1]
+        text = _encode(amounts, f"telemetry {name}", agent)
+        self._amounts_cache[key] = (dict(amounts), text)
+        return text
 
     def set_agent_state(
         self, agent: str, state: str, *, model: str | None = None
@@ -736,13 +750,18 @@ def _epoch(epoch: int) -> int:
     return epoch
 
 
-def _encode(value: Mapping[str, Any], what: str) -> str:
-    """Compact JSON text; NaN, infinities and foreign objects are refused."""
+def _encode(value: Mapping[str, Any], what: str, agent: str | None = None) -> str:
+    """Compact JSON text; NaN, infinities and foreign objects are refused.
+
+    The error names ``what`` (of ``agent``, when given), put together only on
+    failure: telemetry is encoded twice per report.
+    """
     try:
         return encode_json(value)
     except (TypeError, ValueError) as exc:
+        whose = what if agent is None else f"{what} of agent {agent}"
         raise StoreError(
-            f"{what} is not JSON-compatible ({exc}); expected str keys and finite "
+            f"{whose} is not JSON-compatible ({exc}); expected str keys and finite "
             "numbers, strings, booleans, None, lists and dicts"
         ) from None
 

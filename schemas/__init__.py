@@ -2,13 +2,15 @@
 
 Devices and the controller talk only through MQTT, and this package is the
 whole of what they agree on. It needs nothing but the standard library and
-fastjsonschema, so it fits the device install.
+fastjsonschema, so it fits the device install; where jsonschema_rs is
+installed too (the controller install), it checks schemas with that, faster.
 
 - Topics: :class:`Topics` builds every topic of a fleet or agent from ids it
   checks once; :func:`parse_topic` reads one back.
 - Messages: one JSON Schema per :class:`Kind` ships next to this file;
   :func:`decode` and :func:`encode` check payloads in the order size, strict
-  JSON, schema, raising :class:`MessageError`.
+  JSON, schema, raising :class:`MessageError`; :func:`dump` serialises a
+  message a builder has checked already, checking only its size.
 - Builders: :func:`telemetry`, :func:`allocation`, ... return checked dicts.
 
 >>> from schemas import Kind, Topics, decode, encode, telemetry
@@ -33,10 +35,13 @@ from schemas._builders import (
     telemetry,
 )
 from schemas._codec import (
+    BACKEND,
+    BACKENDS,
     MAX_PAYLOAD_BYTES,
     Message,
     compiled,
     decode,
+    dump,
     encode,
     load_schema,
     schema_names,
@@ -57,6 +62,8 @@ from schemas._topics import (
 )
 
 __all__ = [
+    "BACKEND",
+    "BACKENDS",
     "ID_PATTERN",
     "MAX_PAYLOAD_BYTES",
     "PREFIX",
@@ -80,6 +87,7 @@ __all__ = [
     "compiled",
     "controller_status",
     "decode",
+    "dump",
     "encode",
     "fleet_summary",
     "load_schema",

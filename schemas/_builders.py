@@ -2,8 +2,9 @@
 
 Each builder fills ``v`` (and ``ts`` when not given), leaves optional fields
 out when they are None, and checks the result as a receiver would (strict
-JSON, schema; the size is checked by :func:`encode`), so a bad argument fails
-here, next to the code that passed it.
+JSON, schema; the size is checked when it is sent), so a bad argument fails
+here, next to the code that passed it. What a builder returns is checked: send
+it with :func:`~schemas.dump`, which only serialises it and checks the size.
 """
 
 from __future__ import annotations
@@ -181,8 +182,11 @@ def _now(ts: float | None) -> float:
 def _checked(kind: Kind, message: Message, /, **optional: Any) -> Message:
     """Add the optional fields that are set, check the message, return it.
 
-    The size limit is left to :func:`encode`, when the message goes out: it
-    belongs to the transport, and a sender may agree on a larger one.
+    The check is :func:`encode`'s, which for the plain dicts built here is a
+    serialisation and a schema check of the dict, without parsing it back.
+    The size limit is left to :func:`dump` or :func:`encode`, when the
+    message goes out: it belongs to the transport, and a sender may agree on
+    a larger one.
     """
     message.update(
         {name: value for name, value in optional.items() if value is not None}

@@ -175,3 +175,37 @@ def test_ingest_reads_status_and_budget_and_ignores_own_output():
     assert events[0] == AgentStatus("a", "offline", 5.0, None)
     assert events[1] == Budget({"compute": 4}, float("inf"))
     assert isinstance(events[2], Ignored)
+
+
+def test_ingest_remembers_topics_within_a_bound(monkeypatch: pytest.MonkeyPatch):
+    """Parsed topics are reused, the cache stays bounded, bad topics stay bad."""
+    monkeypatch.setattr("controller.ingest.TOPIC_CACHE_SIZE", 2)
+    ingest = make_ingest()
+    topics = [f"fairsynergy/test/agents/robot-{n}/telemetry" for n in range(3)]
+
+    events = [ingest.handle(topic, report(1), 0.0, GRANT) for topic in topics]
+    again = ingest.handle(topics[0], report(2), 0.0, GRANT)
+    bad = [ingest.handle("fairsynergy/test/nowhere", b"{}", 0.0, GRANT) for _ in "ab"]
+
+    assert [event.agent for event in events] == ["robot-0", "robot-1", "robot-2"]  # type: ignore[union-attr]
+    assert isinstance(again, Telemetry)
+    assert again.agent == "robot-0"
+    assert len(ingest._topics) <= 2
+    assert [event.reason for event in bad] == ["topic", "topic"]  # type: ignore[union-attr]
+
+
+def test_ingest_unchanged_local_amounts_are_plausible():
+    """Reports with the same on-board amounts pass; a later jump is still caught."""
+    ingest = make_ingest()
+    ingest.handle(TOPIC, report(1, local={"compute": 1.0, "data": 2.0}), 0.0, GRANT)
+
+    same = ingest.handle(
+        TOPIC, report(2, local={"compute": 1.0, "data": 2.0}), 0, GRANT
+    )
+    jump = ingest.handle(
+        TOPIC, report(3, local={"compute": 1.0, "data": 50.0}), 0, GRANT
+    )
+
+    assert isinstance(same, Telemetry)
+    assert isinstance(jump, Rejected)
+    assert (jump.reason, jump.field) == ("implausible", "local.data")

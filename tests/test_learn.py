@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import math
+import subprocess
+import sys
 from collections.abc import Sequence
+from itertools import product
 
 import numpy as np
 import pytest
@@ -12,9 +16,23 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from river import base, drift
 
-from controller._posterior import project_elasticities
+from controller._agent_learner import _downdate_3
+from controller._detector_state import detector_from_state, detector_to_state
+from controller._pagehinkley import PageHinkley
+from controller._posterior import (
+    _solve_general,
+    project_elasticities,
+    project_many,
+    solve_small,
+)
 from controller.errors import FairsynergyError
-from controller.learn import FleetLearner, Outcome, Prior, UtilityLearner
+from controller.learn import (
+    FleetLearner,
+    Outcome,
+    Prior,
+    UtilityLearner,
+    default_detector,
+)
 
 RESOURCES = ("compute", "data")
 # river's NoDrift has an unannotated constructor; build it once, untyped.
@@ -493,3 +511,318 @@ def test_learn_fleet_drift_restarts_with_wide_spread():
     assert prior.mean == pooled.mean
     assert prior.sd == Prior.default(2).sd
     assert all(p > q for p, q in zip(prior.sd, pooled.sd, strict=True))
+
+
+# ------------------------------------------------- Page-Hinkley against river
+
+
+def residual_stream(
+    seed: int, shift: float, at: int = 400, n: int = 1200
+) -> list[float]:
+    """Standard normal residuals whose mean moves by ``shift`` sds at ``at``."""
+    rng = np.random.default_rng(seed)
+    values = rng.standard_normal(n)
+    values[at:] += shift
+    return [float(v) for v in values]
+
+
+def detections(detector: base.DriftDetector, stream: list[float]) -> list[int]:
+    flagged = []
+    for k, value in enumerate(stream):
+        detector.update(value)
+        if detector.drift_detected:
+            flagged.append(k)
+    return flagged
+
+
+@pytest.mark.parametrize("shift", [0.0, 2.5, -2.5, 6.0, -6.0])
+@pytest.mark.parametrize(
+    "params",
+    [
+        {"min_instances": 5, "delta": 0.5, "threshold": 12.0, "alpha": 1.0},
+        {"min_instances": 30, "delta": 0.005, "threshold": 5.0, "alpha": 0.999},
+        {"min_instances": 5, "delta": 0.1, "threshold": 3.0, "mode": "up"},
+        {"min_instances": 5, "delta": 0.1, "threshold": 3.0, "mode": "down"},
+    ],
+)
+def test_learn_pagehinkley_flags_the_same_samples_as_river(shift, params):
+    """Our Page-Hinkley flags drift at exactly river's samples, either way."""
+    stream = residual_stream(31, shift)
+
+    ours = detections(PageHinkley(**params), stream)
+    reference = detections(drift.PageHinkley(**params), stream)
+
+    assert ours == reference
+    if shift and params["threshold"] == 12.0:
+        assert ours  # the learner's setting does see a shift of 2.5 sds
+
+
+def test_learn_pagehinkley_default_matches_river_on_many_streams():
+    """With the learner's parameters, 40 seeded streams give river's detections."""
+    for seed in range(40):
+        stream = residual_stream(seed, shift=(seed % 5 - 2) * 1.5, at=100 + seed)
+
+        ours = detections(default_detector(), stream)
+        reference = detections(
+            drift.PageHinkley(min_instances=5, delta=0.5, threshold=12.0, alpha=1.0),
+            stream,
+        )
+
+        assert ours == reference, seed
+
+
+# A detector state saved before our Page-Hinkley existed (river's, walked by
+# attribute): fresh, with river's integer -1 and infinity spelled out.
+OLD_FRESH_DETECTOR = {
+    "name": "PageHinkley",
+    "params": {
+        "min_instances": 5, "delta": 0.5, "threshold": 12.0, "alpha": 1.0,
+        "mode": "both",
+    },
+    "state": {
+        "_drift_detected": False, "min_instances": 5, "delta": 0.5,
+        "threshold": 12.0, "alpha": 1.0, "mode": "both",
+        "_x_mean": {"__object__": {"n": 0.0, "_mean": 0.0}},
+        "_sum_increase": 0.0, "_sum_decrease": 0.0,
+        "_min_increase": {"__float__": "inf"}, "_max_decrease": -1,
+    },
+}  # fmt: skip
+
+
+def test_learn_old_detector_state_restores_and_keeps_detecting():
+    """States saved from river's detector (fresh or mid-stream) restore as ours."""
+    stream = residual_stream(5, shift=3.0, at=300, n=900)
+    river_detector = drift.PageHinkley(
+        min_instances=5, delta=0.5, threshold=12.0, alpha=1.0
+    )
+    detections(river_detector, stream[:250])
+    saved = json.loads(json.dumps(detector_to_state(river_detector)))
+
+    fresh = detector_from_state(json.loads(json.dumps(OLD_FRESH_DETECTOR)))
+    midway = detector_from_state(saved)
+
+    assert isinstance(midway, PageHinkley)
+    assert detections(fresh, stream) == detections(default_detector(), stream)
+    assert detections(midway, stream[250:]) == detections(river_detector, stream[250:])
+    assert (
+        detector_to_state(midway)["state"] == detector_to_state(river_detector)["state"]
+    )
+
+
+def test_learn_old_learner_state_goes_on_learning_identically():
+    """A learner saved with river's detector restores and learns bit for bit alike."""
+    rng = np.random.default_rng(41)
+    amounts = operating_points(rng, 160)
+    accuracy = noisy(rng, curve(amounts), 0.02)
+    accuracy[100:] *= 0.8  # an abrupt drop: both must detect it alike
+    river_detector = drift.PageHinkley(
+        min_instances=5, delta=0.5, threshold=12.0, alpha=1.0
+    )
+    old = UtilityLearner(RESOURCES, drift_detector=river_detector)
+    feed(old, amounts[:60], accuracy[:60])
+
+    restored = UtilityLearner.from_state(json.loads(json.dumps(old.to_state())))
+    feed(old, amounts[60:], accuracy[60:])
+    feed(restored, amounts[60:], accuracy[60:])
+
+    assert old.counts["drift"] >= 1
+    assert restored.counts == old.counts
+    assert restored.to_state()["mean"] == old.to_state()["mean"]
+    assert restored.predict_one({"compute": 0.5, "data": 0.2}) == old.predict_one(
+        {"compute": 0.5, "data": 0.2}
+    )
+
+
+def test_learn_import_leaves_river_drift_out():
+    """Importing the learner does not import river.drift (a second of startup)."""
+    code = "import sys, controller.learn; print('river.drift' in sys.modules)"
+
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    )
+
+    assert result.stdout.strip() == "False"
+
+
+# ------------------------------------------------------ fast paths, batches
+
+
+def trained_fleet(seed: int, agents: int = 30) -> FleetLearner:
+    """A fleet of varied agents: some settled, some fresh, elasticities near 0."""
+    rng = np.random.default_rng(seed)
+    fleet = FleetLearner(RESOURCES)
+    for k in range(agents):
+        gamma = rng.uniform(-0.01, 0.12, 2)
+        amounts = operating_points(rng, int(rng.integers(0, 40)))
+        accuracy = noisy(rng, curve(amounts, 0.7, gamma), 0.03)
+        fleet.add_agent(f"a{k}", model="m")
+        for seq, (z, y) in enumerate(zip(amounts, accuracy, strict=True)):
+            report(fleet, f"a{k}", z.tolist(), float(y), seq=seq, model="m")
+    return fleet
+
+
+def test_learn_predict_many_equals_predict_one():
+    """The batched prediction gives predict_one's values exactly, zeros included."""
+    fleet = trained_fleet(51)
+    rng = np.random.default_rng(52)
+    agents = list(fleet.agents) * 2
+    totals = operating_points(rng, len(agents))
+    totals[::7, 0] = 0.0
+
+    predicted = fleet.predict_many(agents, totals)
+
+    expected = [
+        fleet[a].predict_one(dict(zip(RESOURCES, z.tolist(), strict=True)))
+        for a, z in zip(agents, totals, strict=True)
+    ]
+    assert predicted.tolist() == expected
+
+
+def test_learn_sample_from_matches_one_learner_at_a_time():
+    """The vectorised Thompson sample equals each learner's own draw, to rounding."""
+    fleet = trained_fleet(53, agents=60)
+    normals = np.random.default_rng(54).standard_normal((len(fleet), 3)) * 2.0
+
+    sample = fleet.sample_from(normals)
+
+    expected = np.array(
+        [
+            fleet[a]._draw(row)
+            for a, row in zip(fleet.agents, normals.tolist(), strict=True)
+        ]
+    )
+    projected = (expected[:, 1:] == 0.0).any(axis=1)
+    assert projected.sum() >= 5  # the projection path is exercised
+    assert sample.elasticity == pytest.approx(expected[:, 1:], abs=1e-12)
+    assert np.log(sample.scale) == pytest.approx(expected[:, 0], abs=1e-12)
+    assert np.all(sample.elasticity >= 0.0)
+    assert np.all(sample.elasticity.sum(axis=1) <= 0.98 + 1e-12)
+
+
+def test_learn_sample_draws_have_the_posterior_moments():
+    """Many draws of one agent have its posterior mean and covariance."""
+    rng = np.random.default_rng(55)
+    fleet = FleetLearner(RESOURCES)
+    amounts = operating_points(rng, 60)
+    for seq, (z, y) in enumerate(
+        zip(amounts, curve(amounts, 0.7, np.array([0.2, 0.3])), strict=True)
+    ):
+        report(fleet, "a", z.tolist(), float(y), seq=seq)
+    learner = fleet["a"]
+    draws = 20000
+
+    sample = fleet.sample(np.random.default_rng(56), ["a"] * draws)
+
+    theta = np.column_stack([np.log(sample.scale), sample.elasticity])
+    lower = np.linalg.cholesky(np.array(learner._cov).reshape(3, 3))
+    # Whitened by the posterior, the draws must be standard normal: mean 0
+    # within 4 standard errors, covariance I within 4 of its sampling sds.
+    white = np.linalg.solve(lower, (theta - np.array(learner._mean)).T).T
+    assert np.all(np.abs(white.mean(axis=0)) < 4 / np.sqrt(draws))
+    assert np.abs(np.cov(white.T) - np.eye(3)).max() < 4 * np.sqrt(2 / draws)
+
+
+def test_learn_sample_from_held_normals_repeats_the_draw():
+    """The same normals give the same sample; the rng path draws (N, R + 1) of them."""
+    fleet = trained_fleet(57)
+    normals = np.random.default_rng(58).standard_normal((len(fleet), 3))
+
+    first = fleet.sample_from(normals)
+    again = fleet.sample_from(normals.copy())
+    drawn = fleet.sample(np.random.default_rng(58))
+
+    assert first.elasticity.tolist() == again.elasticity.tolist()
+    assert drawn.elasticity.tolist() == first.elasticity.tolist()
+
+
+def test_learn_sample_from_refuses_wrong_shape():
+    """Normals that do not give one row of R + 1 per agent are refused."""
+    fleet = trained_fleet(59, agents=3)
+
+    with pytest.raises(FairsynergyError, match="expected"):
+        fleet.sample_from(np.zeros((3, 2)))
+
+
+def test_learn_estimates_arrays_match_each_learner():
+    """Vectorised estimates equal each learner's properties exactly."""
+    fleet = trained_fleet(60)
+
+    estimates = fleet.estimates()
+
+    for i, agent in enumerate(fleet.agents):
+        learner = fleet[agent]
+        sds = [learner.uncertainty[r] for r in RESOURCES]
+        assert estimates.scale[i] == learner.scale
+        assert estimates.elasticity[i].tolist() == elasticities(learner).tolist()
+        assert estimates.sd_elasticity[i].tolist() == sds
+        assert estimates.confident[i] == learner.confident
+
+
+def test_learn_restore_agents_equals_one_by_one():
+    """Restoring a batch gives the same learners and leaves the collector on."""
+    fleet = trained_fleet(61)
+    states = {a: json.loads(json.dumps(fleet.agent_state(a))) for a in fleet.agents}
+    single = FleetLearner(RESOURCES)
+    batch = FleetLearner(RESOURCES)
+    for agent, state in states.items():
+        single.restore_agent(agent, state)
+
+    batch.restore_agents(states)
+
+    assert gc.isenabled()
+    assert [batch.agent_state(a) for a in states] == [
+        single.agent_state(a) for a in states
+    ]
+    assert batch.agent_state("a3") == fleet.agent_state("a3")
+
+
+def test_learn_clone_matches_river_clone():
+    """The fast clone builds the learner river's generic clone would."""
+    template = UtilityLearner(RESOURCES, ceiling=0.9, forgetting=0.98, replay=4)
+
+    ours = template.clone({"prior": Prior.default(2), "ceiling": 0.8})
+    reference = base.Base.clone(template, {"prior": Prior.default(2), "ceiling": 0.8})
+
+    assert ours.to_state() == reference.to_state()
+
+
+@pytest.mark.parametrize("size", [1, 2, 3, 4])
+def test_learn_unrolled_linear_algebra_is_bit_identical(size):
+    """Written-out small solves and updates round exactly as the general code."""
+    rng = np.random.default_rng(62 + size)
+    for _ in range(300):
+        factor = rng.standard_normal((size, size)) * 10.0 ** rng.uniform(-3, 1)
+        matrix = (factor @ factor.T + 1e-6 * np.eye(size)).tolist()
+        rhs = rng.standard_normal(size).tolist()
+        features = [1.0, *rng.standard_normal(size - 1).tolist()]
+        h = rng.standard_normal(size).tolist()
+        flat = [v for row in matrix for v in row]
+
+        assert solve_small(matrix, rhs) == _solve_general(matrix, rhs)
+        if size == 3:
+            learner = UtilityLearner(RESOURCES)
+            learner._cov, learner._mean = flat, rhs
+            general = [
+                sum(v * f for v, f in zip(row, features, strict=True)) for row in matrix
+            ]
+            assert learner._predictive(features) == (
+                sum(m * f for m, f in zip(rhs, features, strict=True)),
+                general,
+            )
+            expected = [
+                (c - hi * hj) * 1.01
+                for c, (hi, hj) in zip(flat, product(h, h), strict=True)
+            ]
+            assert _downdate_3(flat, h, 1.01) == expected
+
+
+@settings(max_examples=100, deadline=None)
+@given(posteriors(), st.floats(0.05, 0.99))
+def test_learn_batched_projection_matches_single(posterior, sum_max):
+    """The batched projection finds the one-by-one projection's point."""
+    mean, covariance = posterior
+
+    batched = project_many(mean[None, :], covariance[None], np.array([sum_max]))
+
+    single = project_elasticities(mean, covariance.tolist(), sum_max)
+    assert batched[0] == pytest.approx(single, abs=1e-9)

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import math
 import random
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +15,7 @@ import jsonschema
 import pytest
 
 import schemas
-from schemas import MAX_PAYLOAD_BYTES, Kind, MessageError
+from schemas import MAX_PAYLOAD_BYTES, Kind, MessageError, _codec
 
 SCHEMA_DIR = Path(schemas.__file__).parent
 EXAMPLES = SCHEMA_DIR / "examples"
@@ -30,6 +32,18 @@ PORTABLE_KEYWORDS = {
 }  # fmt: skip
 ANNOTATIONS = {"description", "title"}
 MAP_KEYWORDS = {"properties", "$defs", "patternProperties"}
+
+
+# Every validator `schemas` can use; the tests hold each one to the reference.
+BACKENDS = [
+    pytest.param(
+        "jsonschema_rs",
+        marks=pytest.mark.skipif(
+            schemas.BACKEND != "jsonschema_rs", reason="jsonschema_rs not installed"
+        ),
+    ),
+    "fastjsonschema",
+]
 
 
 def example_files(group: str) -> list[Path]:
@@ -153,33 +167,44 @@ def test_schemas_every_kind_has_valid_and_invalid_examples(kind: Kind) -> None:
     assert list((folder / "invalid").glob("*.json"))
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("path", example_files("valid"), ids=example_id)
-def test_schemas_valid_example_passes_both_validators(path: Path) -> None:
-    """Test a valid example is accepted by fastjsonschema and by jsonschema."""
+def test_schemas_valid_example_passes_every_validator(path: Path, backend: str) -> None:
+    """Test a valid example is accepted by each backend and by jsonschema."""
     kind = path.parts[-3]
     payload = path.read_bytes()
 
     message = schemas.decode(kind, payload)
+    checked = schemas.validate(kind, json.loads(payload), backend=backend)
 
+    assert checked == message
     assert list(reference(kind).iter_errors(message)) == []
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("path", example_files("invalid"), ids=example_id)
-def test_schemas_invalid_example_fails_both_validators_once(path: Path) -> None:
-    """Test an invalid example is refused by both validators, for one reason."""
+def test_schemas_invalid_example_fails_every_validator_once(
+    path: Path, backend: str
+) -> None:
+    """Test an invalid example is refused by each backend and jsonschema, alike."""
     kind = path.parts[-3]
     payload = path.read_bytes()
 
-    with pytest.raises(MessageError) as caught:
+    with pytest.raises(MessageError) as decoded:
         schemas.decode(kind, payload)
+    with pytest.raises(MessageError) as validated:
+        schemas.validate(kind, json.loads(payload), backend=backend)
     errors = list(reference(kind).iter_errors(json.loads(payload)))
 
-    assert caught.value.reason in {"schema", "version"}
+    assert decoded.value.reason in {"schema", "version"}
+    assert str(validated.value) == str(decoded.value)
+    assert validated.value.field == decoded.value.field
     assert len(errors) == 1, [error.message for error in errors]
 
 
-def test_schemas_validators_agree_on_mutated_messages() -> None:
-    """Test fastjsonschema and jsonschema agree on random edits of valid examples."""
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_schemas_validators_agree_on_mutated_messages(backend: str) -> None:
+    """Test each backend agrees with jsonschema on random edits of valid examples."""
     rng = random.Random(7)
     valid = [
         (path.parts[-3], json.loads(path.read_bytes()))
@@ -205,8 +230,7 @@ def test_schemas_validators_agree_on_mutated_messages() -> None:
     for _ in range(400):
         kind, message = rng.choice(valid)
         mutated = mutate(json.loads(json.dumps(message)), rng, odd_values)
-        fast_ok = accepts(kind, mutated)
-        if fast_ok != reference(kind).is_valid(mutated):
+        if accepts(kind, mutated, backend) != reference(kind).is_valid(mutated):
             disagreements.append((kind, mutated))
 
     assert disagreements == []
@@ -230,9 +254,9 @@ def mutate(message: dict[str, Any], rng: random.Random, values: list[Any]) -> An
     return message
 
 
-def accepts(kind: str, message: Any) -> bool:
+def accepts(kind: str, message: Any, backend: str | None = None) -> bool:
     try:
-        schemas.validate(kind, message)
+        schemas.validate(kind, message, backend=backend)
     except MessageError:
         return False
     return True
@@ -483,20 +507,315 @@ def test_schemas_kinds_say_how_they_travel() -> None:
     assert {kind.qos for kind in Kind} == {1}
 
 
-def test_schemas_package_needs_only_stdlib_and_fastjsonschema() -> None:
-    """Test importing and using schemas pulls in no other third-party package."""
+def imports_of_schemas(block_rust: bool) -> tuple[str, set[str]]:
+    """The backend ``schemas`` picks in a fresh interpreter, and what it imports.
+
+    With ``block_rust``, jsonschema_rs cannot be imported, as on a device.
+    """
+    block = "sys.modules['jsonschema_rs'] = None; " if block_rust else ""
     code = (
-        "import sys, schemas; schemas.compiled('telemetry'); "
-        "print('\\n'.join(sorted(name.split('.')[0] for name in sys.modules)))"
+        f"import sys; {block}import schemas; schemas.decode('telemetry', "
+        "open('schemas/examples/telemetry/valid/typical.json', 'rb').read()); "
+        "print(schemas.BACKEND); "
+        "print('\\n'.join(sorted(name.split('.')[0] "
+        "for name, module in sys.modules.items() if module is not None)))"
     )
     result = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, check=True,
         cwd=SCHEMA_DIR.parent,
     )  # fmt: skip
+    backend, *modules = result.stdout.split()
+    return backend, set(modules)
 
-    loaded = set(result.stdout.split())
+
+def test_schemas_package_needs_only_stdlib_and_fastjsonschema() -> None:
+    """Test that without jsonschema_rs, schemas works on fastjsonschema alone."""
+    backend, loaded = imports_of_schemas(block_rust=True)
+
     # __main__ is the -c script; _distutils_hack is setuptools' start-up hook.
     expected = {"schemas", "fastjsonschema", "__main__", "_distutils_hack"}
     third_party = loaded - set(sys.stdlib_module_names) - expected
 
+    assert backend == "fastjsonschema"
     assert third_party == set()
+
+
+def test_schemas_controller_install_validates_with_jsonschema_rs() -> None:
+    """Test the controller install brings jsonschema-rs and schemas picks it."""
+    project = tomllib.loads((SCHEMA_DIR.parent / "pyproject.toml").read_text())
+    controller = project["project"]["optional-dependencies"]["controller"]
+
+    backend, loaded = imports_of_schemas(block_rust=False)
+
+    assert any(need.startswith("jsonschema-rs") for need in controller)
+    assert backend == schemas.BACKEND == "jsonschema_rs"
+    assert "jsonschema_rs" in loaded
+
+
+def test_schemas_unknown_backend_is_refused() -> None:
+    """Test asking for a validator that does not exist names the usable one."""
+    message = json.loads((EXAMPLES / "telemetry/valid/typical.json").read_text())
+
+    with pytest.raises(ValueError, match="is not available"):
+        schemas.validate(Kind.TELEMETRY, message, backend="jsonschema")
+
+
+def build_validator(backend: str, document: dict[str, Any]) -> Any:
+    """A validator for ``document`` set up as ``schemas`` sets up ``backend``."""
+    if backend == "jsonschema_rs":
+        return _codec._rust_validator(document).is_valid
+    check = _codec._fast_validator(document)
+    return lambda message: _codec._passes(check, message)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_schemas_validators_refuse_remote_references(backend: str) -> None:
+    """Test neither validator fetches a $ref from the network."""
+    document = {"properties": {"a": {"$ref": "https://example.invalid/a.json"}}}
+
+    with pytest.raises(Exception, match=r"refusing to fetch https://example\.invalid"):
+        build_validator(backend, document)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_schemas_validators_ignore_formats(backend: str) -> None:
+    """Test both validators leave "format" unchecked, as the protocol says."""
+    document = {"type": "string", "format": "email"}
+
+    is_valid = build_validator(backend, document)
+
+    assert is_valid("not an email")
+    assert not is_valid(7)
+
+
+# -- strict JSON, cheaply ------------------------------------------------------
+
+TYPICAL = (EXAMPLES / "telemetry/valid/typical.json").read_bytes().strip()
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        b'{"v": 1, "accuracy": 1e400}',
+        b'{"v": 1, "accuracy": -1E+0400}',
+        b'{"v": 1, "accuracy": 1' + b"0" * 310 + b".5}",
+        b'{"v": 1, "extra": {"deep": [1, 2, 1e999]}}',
+        b'{"v": 1, "local": {"compute": 1, "compute": 2}}',
+        b'{"v": 1, "extra": [{"a": 1, "a": 1}]}',
+        b'{"v": 1, "model": "a:b", "v": 1}',
+        b'{"v": 1} {"v": 1}',
+    ],
+    ids=[
+        "overflow",
+        "minus-overflow-long-exponent",
+        "overflow-without-exponent",
+        "overflow-nested",
+        "duplicate-nested",
+        "duplicate-in-array",
+        "duplicate-beside-colon-in-string",
+        "two-values",
+    ],
+)
+def test_schemas_strictness_holds_off_the_common_path(payload: bytes) -> None:
+    """Test infinities and duplicate keys are refused wherever they hide."""
+    with pytest.raises(MessageError) as caught:
+        schemas.decode(Kind.TELEMETRY, payload)
+
+    assert caught.value.reason == "not_json"
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        TYPICAL,
+        b"  " + TYPICAL + b"\n",
+        TYPICAL[:-1] + b', "note": "a: b, c: d"}',
+        TYPICAL[:-1] + b', "tiny": 1e-400, "long": 1e0005}',
+        TYPICAL[:-1] + b', "big": 1.7976931348623157e308}',
+    ],
+    ids=["typical", "white-space", "colons-in-string", "exponents", "largest-float"],
+)
+def test_schemas_strict_json_that_is_fine_is_accepted(payload: bytes) -> None:
+    """Test the cheap path's doubts end in the strict parse, which accepts."""
+    message = schemas.decode(Kind.TELEMETRY, payload)
+
+    assert message["seq"] == 42
+
+
+def test_schemas_cheap_parse_gives_the_strict_parse_verdict() -> None:
+    """Test the cheap parse returns or refuses exactly what the strict one does."""
+    rng = random.Random(11)
+    pieces = [
+        '"a"', '"b"', '"a:b"', '"\\\\u0061"', "1", "-0.5", "1e308", "1e309",
+        "1E-999", "2" * 320, "2" * 320 + ".0", "true", "null", "NaN", "[]", "{}",
+    ]  # fmt: skip
+
+    def value(depth: int) -> str:
+        if depth > 2 or rng.random() < 0.5:
+            return rng.choice(pieces)
+        if rng.random() < 0.3:
+            return (
+                "[" + ",".join(value(depth + 1) for _ in range(rng.randint(0, 3))) + "]"
+            )
+        keys = [
+            rng.choice(['"a"', '"b"', '"a:b"', '"c"']) for _ in range(rng.randint(0, 3))
+        ]
+        return "{" + ",".join(f"{key}:{value(depth + 1)}" for key in keys) + "}"
+
+    differences = []
+    for _ in range(2000):
+        payload = value(0).encode()
+        if outcome(_codec._parse, payload) != outcome(_codec._parse_strictly, payload):
+            differences.append(payload)
+
+    assert differences == []
+
+
+def outcome(parse: Any, payload: bytes) -> tuple[str, Any]:
+    """What ``parse`` makes of ``payload``: ("ok", value) or ("error", message)."""
+    try:
+        return "ok", parse(Kind.TELEMETRY, payload)
+    except MessageError as error:
+        return "error", str(error)
+
+
+# -- dump, and what builders promise -------------------------------------------
+
+
+@pytest.mark.parametrize("path", example_files("valid"), ids=example_id)
+def test_schemas_dump_gives_the_bytes_of_encode(path: Path) -> None:
+    """Test dump serialises exactly as encode does."""
+    kind = path.parts[-3]
+    message = json.loads(path.read_bytes())
+
+    assert schemas.dump(kind, message) == schemas.encode(kind, message)
+
+
+def test_schemas_dump_checks_only_the_size() -> None:
+    """Test dump trusts the schema check already done, but not the size."""
+    checked = schemas.allocation(epoch=3, cloud={"compute": 0.5}, ts=1.0)
+    unchecked = {**checked, "epoch": -1}
+
+    payload = schemas.dump(Kind.ALLOCATION, unchecked)
+    with pytest.raises(MessageError) as large:
+        schemas.dump(Kind.ALLOCATION, checked, max_bytes=20)
+    with pytest.raises(MessageError) as nan:
+        schemas.dump(Kind.ALLOCATION, {**checked, "expires": math.nan})
+
+    assert json.loads(payload)["epoch"] == -1
+    assert (large.value.reason, nan.value.reason) == ("too_large", "not_json")
+    assert "limit is 20" in str(large.value)
+
+
+def test_schemas_builder_output_always_decodes() -> None:
+    """Test what builders return, dumped, is what decode accepts and returns."""
+    rng = random.Random(3)
+    built = []
+    for seq in range(200):
+        amounts = {
+            name: rng.uniform(0, 10)
+            for name in ["compute", "data", "gpu"][: rng.randint(0, 3)]
+        }
+        built.append((Kind.TELEMETRY, schemas.telemetry(
+            seq=seq, accuracy=rng.random(), local=amounts, cloud=amounts,
+            epoch=rng.choice([None, seq]), load=rng.choice([None, 2.5]),
+            model=rng.choice([None, "resnet18"]), ts=rng.uniform(0, 2e9),
+        )))  # fmt: skip
+        built.append((Kind.ALLOCATION, schemas.allocation(
+            epoch=seq, cloud=amounts, expected_accuracy=rng.random(),
+            prices=amounts, expires=1e9, ts=1.0,
+        )))  # fmt: skip
+
+    for kind, message in built:
+        assert schemas.decode(kind, schemas.dump(kind, message)) == message
+
+
+def test_schemas_builder_keys_that_are_not_strings_take_the_full_check() -> None:
+    """Test a key JSON would rename is judged on the bytes, as receivers see it."""
+    clash: dict[Any, Any] = {"cloud": {"compute": 1.0}, 1: "x", "1": "y"}
+    renamed: dict[Any, Any] = {"cloud": {}, 2: 0}
+
+    with pytest.raises(MessageError) as caught:
+        schemas.fleet_summary(
+            epoch=1, alpha=1.0, budget={}, prices={}, agents={"a": clash}, ts=1.0
+        )
+    summary = schemas.fleet_summary(
+        epoch=1, alpha=1.0, budget={}, prices={}, agents={"a": renamed}
+    )
+
+    assert caught.value.reason == "not_json"
+    assert "appears twice" in str(caught.value)
+    assert schemas.decode(Kind.FLEET_SUMMARY, schemas.dump(Kind.FLEET_SUMMARY, summary))
+
+
+def test_schemas_encode_of_a_dict_judges_as_its_bytes_would() -> None:
+    """Test encode, which checks the dict, agrees with decoding its bytes."""
+    rng = random.Random(5)
+    valid = [
+        (path.parts[-3], json.loads(path.read_bytes()))
+        for path in example_files("valid")
+    ]
+    odd_values: list[Any] = [
+        None,
+        True,
+        -1,
+        0.5,
+        2**60,
+        "",
+        "x",
+        [],
+        {},
+        (1, 2),
+        {"Bad": 1},
+    ]
+    disagreements = []
+
+    for _ in range(400):
+        kind, message = rng.choice(valid)
+        mutated = mutate(json.loads(json.dumps(message)), rng, odd_values)
+        bytes_ok = accepts_payload(kind, json.dumps(mutated, separators=(",", ":")))
+        if encodes(kind, mutated) != bytes_ok:
+            disagreements.append((kind, mutated))
+
+    assert disagreements == []
+
+
+def encodes(kind: str, message: Any) -> bool:
+    try:
+        schemas.encode(kind, message)
+    except MessageError:
+        return False
+    return True
+
+
+def accepts_payload(kind: str, text: str) -> bool:
+    try:
+        schemas.decode(kind, text.encode())
+    except MessageError:
+        return False
+    return True
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_schemas_key_that_is_not_a_string_is_named(backend: str) -> None:
+    """Test a resource key that is not a string is refused, naming it."""
+    message = json.loads(TYPICAL)
+    message["local"] = {None: 1.0}
+
+    with pytest.raises(MessageError) as caught:
+        schemas.validate(Kind.TELEMETRY, message, backend=backend)
+
+    assert (caught.value.reason, caught.value.field) == ("schema", "local.None")
+    assert caught.value.seq == 42
+
+
+@pytest.mark.skipif(schemas.BACKEND != "jsonschema_rs", reason="needs jsonschema_rs")
+def test_schemas_infinity_handed_to_validate_gets_a_readable_error() -> None:
+    """Test a value only jsonschema_rs refuses (JSON has no infinity) is explained."""
+    message = {**json.loads(TYPICAL), "ts": math.inf}
+
+    with pytest.raises(MessageError) as caught:
+        schemas.validate(Kind.TELEMETRY, message, backend="jsonschema_rs")
+
+    assert caught.value.reason == "schema"
+    assert "values JSON cannot carry" in str(caught.value)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
@@ -21,6 +22,7 @@ import pytest
 from sqlite_utils import Database
 
 from controller._migrations import MIGRATIONS, Migration
+from controller._writer import AgentUpdate
 from controller.store import Retention, Store, StoreError, migrate, schema_version
 
 REPO = Path(__file__).resolve().parents[1]
@@ -110,6 +112,24 @@ def test_store_telemetry_round_trip(store: Store) -> None:
     assert (rows[1]["epoch"], rows[1]["load"], rows[1]["model"]) == (7, 0.5, "resnet18")
     assert (rows[0]["epoch"], rows[0]["load"], rows[0]["model"]) == (None, None, None)
     assert [row["seq"] for row in store.recent_telemetry("robot-1", limit=1)] == [2]
+
+
+def test_store_telemetry_amounts_follow_each_report(store: Store) -> None:
+    """Test repeated amounts are stored as sent, and a change is never missed."""
+    changed = {"compute": 2.0, "data": 0.5}
+    store.record_telemetry(**telemetry(seq=1))
+    store.record_telemetry(**telemetry(seq=2))
+    store.record_telemetry(**telemetry(seq=3, local=changed, cloud={}))
+    store.record_telemetry(**telemetry(seq=4))
+    store.record_telemetry(**telemetry(agent="robot-2", seq=1, local=changed))
+
+    store.flush()
+    rows = store.recent_telemetry("robot-1", limit=10)
+
+    locals_ = [row["local"] for row in rows]
+    assert locals_ == [{"compute": 1.0, "data": 0.5}] * 2 + [changed, locals_[0]]
+    assert [row["cloud"] for row in rows][2:] == [{}, {"compute": 0.25, "data": 0.0}]
+    assert store.recent_telemetry("robot-2", limit=1)[0]["local"] == changed
 
 
 def test_store_learner_state_round_trip(store: Store) -> None:
@@ -799,3 +819,40 @@ def test_store_bad_row_is_logged_and_writer_continues(
     assert seqs == [0, 2, 3]
     assert failed == 1
     assert "refused a telemetry row for agent robot-1" in caplog.text
+
+
+@pytest.mark.parametrize("local", [{"compute": math.nan}, {"compute": object()}])
+def test_store_refuses_telemetry_that_is_not_json(
+    store: Store, local: dict[str, Any]
+) -> None:
+    """Test unserialisable telemetry is refused at the call, naming the agent."""
+    with pytest.raises(StoreError, match="telemetry local of agent robot-7 is not"):
+        store.record_telemetry(**telemetry(agent="robot-7", local=local))
+
+    store.flush()
+
+    assert store.counts()["telemetry"] == 0
+
+
+@pytest.mark.parametrize(
+    ("seen", "acked", "model"), [(5.0, 3, "b"), (None, None, None), (0.5, 9, None)]
+)
+def test_store_report_merges_like_an_agent_update(
+    seen: float | None, acked: int | None, model: str | None
+) -> None:
+    """Test the per-report shortcut folds a row in as a full update would."""
+    first = AgentUpdate(
+        at=2.0, seen=seen, seq=1, model="a", state="offline", acked=acked
+    )
+    shortcut = dataclasses.replace(first)
+    general = dataclasses.replace(first)
+
+    for at, seq, epoch, label in [(1.0, 2, 4, model), (6.0, 3, None, None)]:
+        shortcut.merge_report(at, seq, label, epoch)
+        general.merge(
+            AgentUpdate(
+                at=at, seen=at, seq=seq, model=label, state="online", acked=epoch
+            )
+        )
+
+    assert shortcut == general

@@ -1,0 +1,175 @@
+"""The controller's loop, driven in-process: priorities, debouncing, sweeps.
+
+These tests build a :class:`Controller` on a real SQLite file but never
+connect it (``client`` stays ``None``, so nothing is published) and feed its
+inboxes directly, with a clock the test moves. The end-to-end tests in
+``test_controller_e2e.py`` run the same loop as a process against Mosquitto.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import structlog
+from structlog.testing import capture_logs
+
+import schemas
+from controller.broker import BrokerOptions
+from controller.config import ControllerConfig
+from controller.daemon import BATCH, Controller, Triggers
+from controller.store import Store
+from schemas import Kind, Topics
+
+FLEET = "lab"
+TOPICS = Topics(FLEET)
+BUDGET = {"compute": 4.0, "data": 2.0}
+
+
+class Clock:
+    """A clock the test moves by hand."""
+
+    def __init__(self) -> None:
+        self.now = 1_800_000_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest.fixture
+def controller(tmp_path: Path, clock: Clock) -> Iterator[Controller]:
+    """An unconnected controller with default settings and its own state file."""
+    store = Store(tmp_path / "state.db", fleet=FLEET, clock=clock)
+    config = ControllerConfig(rate_limit=1000.0, rate_burst=1000.0)
+    built = Controller(
+        FLEET,
+        store,
+        BrokerOptions("mqtt://127.0.0.1:1"),
+        config,
+        logger=structlog.get_logger(),
+        clock=clock,
+        seed=7,
+    )
+    yield built
+    store.close()
+
+
+def budget_payload(resources: dict[str, float]) -> bytes:
+    return schemas.encode(Kind.BUDGET, schemas.budget(resources=resources))
+
+
+def report(agent: str, seq: int, accuracy: float, clock: Clock, **extra) -> bytes:
+    """A telemetry payload using no cloud, unless ``extra`` says otherwise."""
+    fields: dict[str, Any] = {
+        "local": {"compute": 0.1, "data": 0.1},
+        "cloud": {},
+        "epoch": None,
+    }
+    fields |= extra
+    message = schemas.telemetry(seq=seq, accuracy=accuracy, ts=clock.now, **fields)
+    return schemas.encode(Kind.TELEMETRY, message)
+
+
+def test_triggers_wait_for_quiet_but_urgent_reasons_run_at_once():
+    """Joins are debounced; a budget change is due the moment it arrives."""
+    triggers = Triggers(debounce=0.5)
+
+    triggers.add("join", 10.0)
+    triggers.add("join", 10.3)
+    debounced = triggers.due_at()
+    triggers.add("budget", 10.4)
+
+    assert debounced == pytest.approx(10.8)
+    assert triggers.due_at() == 10.4
+    assert triggers.take() == "budget,join"
+    assert triggers.due_at() == float("inf")
+
+
+def test_triggers_postpone_at_most_five_debounce_periods():
+    """A steady stream of triggers still lets a cycle run."""
+    triggers = Triggers(debounce=0.5)
+
+    for step in range(20):
+        triggers.add("fit", 10.0 + 0.2 * step)
+
+    assert triggers.due_at() == pytest.approx(12.5)
+
+
+def test_controller_reads_budget_before_queued_telemetry(controller, clock):
+    """A budget behind a full batch of telemetry is applied in the first step."""
+    for seq in range(1, BATCH + 200):
+        payload = report("a1", seq, 0.5, clock)
+        controller.inbox.put((TOPICS.for_agent("a1").telemetry, payload, clock.now))
+    controller.control_inbox.put((TOPICS.budget, budget_payload(BUDGET), clock.now))
+
+    controller.step(0.0)
+
+    assert controller.budget == BUDGET
+    assert controller.inbox.qsize() > 0  # telemetry was still waiting
+
+
+def test_controller_ignores_budget_on_the_telemetry_session(controller, clock):
+    """Only the control session carries the budget, so an old copy cannot win."""
+
+    class Message:
+        topic = TOPICS.budget
+        payload = budget_payload(BUDGET)
+
+    controller._on_message(None, None, Message())
+
+    assert controller.inbox.qsize() == 0
+
+
+def test_controller_checks_fits_once_per_debounce_period(controller, clock):
+    """A moved fit triggers a cycle at the next check, not on the report itself."""
+    controller.receive(TOPICS.budget, budget_payload(BUDGET), clock.now)
+    for seq in range(1, 6):
+        topic = TOPICS.for_agent("a1").telemetry
+        controller.receive(topic, report("a1", seq, 0.5, clock), clock.now)
+    controller.cycle("join", clock.now)
+    controller.triggers.take()
+    controller.last_fit_check_at = clock.now
+    grant = controller.ledger.latest("a1")
+    assert grant is not None
+    assert controller.agents["a1"].expected_accuracy is not None
+
+    # Reports far below what the allocation was expected to give.
+    for seq in range(6, 30):
+        payload = report(
+            "a1", seq, 0.05 + 0.001 * seq, clock, cloud=grant.cloud, epoch=grant.epoch
+        )
+        controller.receive(TOPICS.for_agent("a1").telemetry, payload, clock.now)
+    pending = set(controller.triggers.reasons)
+    clock.now += controller.config.debounce
+    controller.check_fits(clock.now)
+
+    assert "fit" not in pending
+    assert "fit" in controller.triggers.reasons
+    assert not controller.refit
+
+
+def test_sweep_warns_once_for_all_late_agents(controller, clock):
+    """Agents that do not acknowledge are reported in one line with a count."""
+    controller.receive(TOPICS.budget, budget_payload(BUDGET), clock.now)
+    agents = [f"a{i}" for i in range(8)]
+    for agent in agents:
+        topic = TOPICS.for_agent(agent).telemetry
+        controller.receive(topic, report(agent, 1, 0.5, clock), clock.now)
+    controller.cycle("join", clock.now)
+    clock.now += controller.config.ack_timeout + 1.0
+
+    with capture_logs() as logs:
+        controller.sweep(clock.now)
+        controller.sweep(clock.now + 1.0)
+
+    late = [entry for entry in logs if entry["event"] == "agents_not_acknowledging"]
+    assert len(late) == 1
+    assert late[0]["count"] == len(agents)
+    assert len(late[0]["agents"]) <= 5
