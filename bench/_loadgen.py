@@ -62,6 +62,8 @@ REPORT = (
 # calls are slow on the benchmark's virtual machine (about 100 microseconds
 # per send), so they are batched: one per connection per tick.
 TICK_S = 0.005
+# In ack mode every agent still reports this often (10,000 agents: 1,000/s).
+HEARTBEAT_S = 10.0
 # The socket reader pauses this long after each read, so that PUBACKs arrive
 # in batches rather than one system call each; it delays what a generator or
 # the probe sees by at most this much.
@@ -303,6 +305,11 @@ class Generator:
         self.clients: list[RawClient] = []
         self.acks: deque[str] = deque()
         self.ack_mode = False
+        # Heartbeat reports in ack mode: round-robin position, reports owed,
+        # and when they were last counted.
+        self.beat_next = 0
+        self.beats = 0.0
+        self.beat_at: float | None = None
         self.sent = 0
         self.grants = 0
         self.template_checked = False
@@ -480,11 +487,24 @@ class Generator:
         return {"seconds": seconds, "sent": self.sent - sent_before}
 
     def answer_acks(self, rate: float, idle: float) -> None:
-        """In ack mode: report at once (within ``rate``) for every new grant."""
+        """In ack mode: report at once (within ``rate``) for every new grant.
+
+        Every agent also reports every ``HEARTBEAT_S`` seconds, as a device
+        does: a report lost on the way (or a grant that arrived while the
+        agent was not answering) is then acknowledged by the next one.
+        """
         budget = max(1, int(rate * idle))
         while self.acks and budget > 0:
             self.send_report(self.acks.popleft())
             budget -= 1
+        now = time.monotonic()
+        if self.beat_at is not None:
+            self.beats += len(self.order) * (now - self.beat_at) / HEARTBEAT_S
+        self.beat_at = now
+        while self.beats >= 1.0:
+            self.send_report(self.order[self.beat_next])
+            self.beat_next = (self.beat_next + 1) % len(self.order)
+            self.beats -= 1.0
         self.flush()
 
     def status(self) -> dict[str, Any]:
@@ -530,6 +550,7 @@ def generator_main(
             return
         if name == "ack_mode":
             generator.ack_mode = bool(arguments["on"])
+            generator.beat_at = None
             ack_rate = float(arguments["rate"])
             replies.put({"ack_mode": generator.ack_mode})
         elif name == "register":

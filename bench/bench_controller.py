@@ -21,11 +21,12 @@ allocations. For each fleet size (1,000 and 10,000 agents; 1,000 with
 2. budget change to every allocation published: the budget alternates
    between 80% and 100% of its size; agents acknowledge every new grant at
    once (a report with the new epoch), so growth that waits for shrinking
-   agents can complete. Latency is from the budget's publication to the
-   arrival, at the probe, of the last allocation of the epoch the controller
-   logs as completing the transition (and, separately, of the budget's first
-   epoch). Measured with the default settings, then again with exploration
-   off (``exploration_cap = 0``), whose targets move only with the budget;
+   agents can complete, and each also reports every 10 s as a device would.
+   Latency is from the budget's publication to the arrival, at the probe,
+   of the last allocation of the epoch the controller logs as completing
+   the transition (and, separately, of the budget's first epoch). Measured
+   with the default settings, then again with exploration off
+   (``exploration_cap = 0``), whose targets move only with the budget;
 3. restart: the controller is killed (SIGKILL) and started again on the same
    state file; time to its ``online`` status and to the first fleet summary
    of a new epoch. The baseline is an empty fleet (no agents stored), which
@@ -200,9 +201,16 @@ def load_average() -> str:
 
 
 def cpu_seconds(pid: int) -> float:
-    """User plus system CPU time of a process so far."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    """User plus system CPU time so far of a process and its live children."""
+    total = 0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # gone meanwhile
+        if stat.parent.name == str(pid) or fields[1] == str(pid):
+            total += int(fields[11]) + int(fields[12])
+    return total / os.sysconf("SC_CLK_TCK")
 
 
 def rss_mib(pid: int) -> float:
@@ -807,10 +815,12 @@ def run_fleet(
         say(f"{agents} agents: ingest")
         result["ingest"] = controller_ingest(daemon, drops, generators, plan)
         result["rss_streamed_mib"] = rss_mib(daemon.pid)
+        # From now on agents answer every new grant and report every 10 s,
+        # so no grant of the cycles after the stream goes unacknowledged.
+        generators.all("ack_mode", on=True, rate=RATE / PROCESSES)
         _wait_quiet(probe, plan.quiet_timeout_s)
 
         say(f"{agents} agents: budget changes")
-        generators.all("ack_mode", on=True, rate=RATE / PROCESSES)
         result["changes"] = budget_changes(daemon, probe, agents, plan)
 
         result["restarts"], result["changes_calm"] = [], []

@@ -74,6 +74,12 @@ class ControllerConfig:
         "seconds an offline agent stays in the fleet before it stops being "
         "allocated; its last grant still counts until that grant expires",
     )
+    learner_save_interval: float = setting(
+        10.0,
+        "seconds between saves of the learners that changed; a crash loses at most "
+        "this much learning",
+        minimum=0.1,
+    )
     telemetry_retention_rows: int = setting(
         1000, "telemetry rows kept per agent in the database"
     )

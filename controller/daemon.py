@@ -2,11 +2,13 @@
 
 Threads and ownership:
 
-- paho's network threads only put ``(topic, payload, received_at)`` on an
-  inbox; they never touch the controller's state. The budget arrives on a
-  connection of its own with an inbox of its own, read first, so that a
-  flood of telemetry can neither delay a budget change nor make the broker
-  drop it;
+- telemetry is received in a child process (:mod:`controller.receiver`)
+  and arrives in batches of ``(topic, payload, received_at)``; a thread puts
+  each batch on the inbox. paho's network threads in this process (agent
+  presence, and the budget) only queue what they receive; nothing but the
+  loop touches the controller's state. The budget arrives on a connection
+  of its own with an inbox of its own, read first, so that a flood of
+  telemetry can neither delay a budget change nor make the broker drop it;
 - the loop thread (the caller of :meth:`Controller.run`) owns all state and
   does everything else, one message at a time, so no state needs a lock;
 - the store's writer thread commits telemetry and learner states in batches.
@@ -51,6 +53,7 @@ from controller.logs import excerpt
 from controller.metrics import ControllerMetrics
 from controller.problem import Problem
 from controller.publish import Grant, GrantLedger, Transition, plan_transition
+from controller.receiver import Message, Receiver
 from controller.store import Store
 from schemas import Kind, Topics
 
@@ -72,15 +75,13 @@ MAX_DEBOUNCE_PERIODS = 5
 MIN_LOAD_WEIGHT = 0.05
 # Smoothing of reported load (exponential moving average per report).
 LOAD_SMOOTHING = 0.2
-INBOX_LIMIT = 200_000
+# Batches waiting in the inbox (about 200,000 messages): beyond, the receiver
+# stops reading and the broker applies its own queue limit.
+INBOX_LIMIT = 400
 # The fleet summary lists every agent (about 100 bytes each), so it may exceed
 # the 64 KiB limit of device messages; see deploy/mosquitto/mosquitto.conf.
 SUMMARY_MAX_BYTES = 16 * 1024 * 1024
 SUMMARY_FIELDS = ("cloud", "expected_accuracy", "epoch", "expires")
-# Changed learner states are queued for the store this often: a crash loses
-# at most this much learning, and an agent that reports many times a second
-# costs one state write per interval, not one per report.
-STATE_SAVE_INTERVAL_S = 1.0
 
 
 @dataclass
@@ -110,6 +111,10 @@ class Target:
 # Reasons that reallocate at once: an operator's budget or alpha change, and
 # the first cycle after a (re)start, which republishes the restored state.
 URGENT = frozenset({"budget", "restart"})
+# Reasons due one debounce period after they first came, however many follow:
+# acknowledgements trickle in while agents report, and each freed share
+# should reach the growing agents without waiting for the fleet to fall quiet.
+PROMPT = frozenset({"ack"})
 
 
 @dataclass
@@ -118,35 +123,38 @@ class Triggers:
 
     A cycle is due once the triggers have been quiet for ``debounce`` seconds
     (a burst of joins makes one reallocation), at the latest
-    ``MAX_DEBOUNCE_PERIODS`` debounce periods after the first of them, and at
-    once for an urgent reason.
+    ``MAX_DEBOUNCE_PERIODS`` debounce periods after the first of them; at
+    once for an urgent reason, and one debounce period after a prompt one.
     """
 
     debounce: float
     reasons: set[str] = field(default_factory=set)
     first_at: float = math.inf
     last_at: float = -math.inf
-    urgent_at: float = math.inf
+    # The earliest time an urgent or prompt reason makes the cycle due.
+    deadline: float = math.inf
 
-    def add(self, reason: str, now: float) -> None:
+    def add(self, reason: str, now: float, *, urgent: bool = False) -> None:
         self.reasons.add(reason)
         self.first_at = min(self.first_at, now)
         self.last_at = now
-        if reason in URGENT:
-            self.urgent_at = min(self.urgent_at, now)
+        if urgent or reason in URGENT:
+            self.deadline = min(self.deadline, now)
+        elif reason in PROMPT:
+            self.deadline = min(self.deadline, now + self.debounce)
 
     def due_at(self) -> float:
         if not self.reasons:
             return math.inf
         quiet = self.last_at + self.debounce
         latest = self.first_at + MAX_DEBOUNCE_PERIODS * self.debounce
-        return min(quiet, latest, self.urgent_at)
+        return min(quiet, latest, self.deadline)
 
     def take(self) -> str:
         reasons = ",".join(sorted(self.reasons))
         self.reasons.clear()
         self.first_at, self.last_at = math.inf, -math.inf
-        self.urgent_at = math.inf
+        self.deadline = math.inf
         return reasons
 
 
@@ -206,10 +214,13 @@ class Controller:
         self.late: set[str] = set()
         # Each agent's exploration draw (standard normals), held between ticks.
         self.draws: dict[str, np.ndarray] = {}
-        self.inbox: queue.Queue[tuple[str, bytes, float]] = queue.Queue(INBOX_LIMIT)
-        self.control_inbox: queue.SimpleQueue[tuple[str, bytes, float]] = (
-            queue.SimpleQueue()
-        )
+        # During a transition: agents whose acknowledgement growth waits for.
+        self.blocking: set[str] = set()
+        # A fit moved during a transition; re-solve once it completes.
+        self.fit_deferred = False
+        self.inbox: queue.Queue[list[Message]] = queue.Queue(INBOX_LIMIT)
+        self.control_inbox: queue.SimpleQueue[Message] = queue.SimpleQueue()
+        self.receiver: Receiver | None = None
         self.client: paho.Client | None = None
         self.control_client: paho.Client | None = None
         # The received counter of each kind of event, looked up once.
@@ -220,8 +231,13 @@ class Controller:
     def run(self, stop: threading.Event) -> None:
         """Restore state, connect, and loop until ``stop`` is set."""
         self.restore()
+        self.receiver = self._start_receiver()
         self.client = self._connect()
         self.control_client = self._connect_control()
+        self.receiver.wait_ready()
+        threading.Thread(
+            target=self._pass_batches, name="fairsynergy-batches", daemon=True
+        ).start()
         self.log.info("controller_started", fleet=self.fleet, epoch=self.epoch)
         self.triggers.add("restart", self.clock())
         try:
@@ -247,16 +263,10 @@ class Controller:
         """(Re)subscribe and announce ourselves; runs on every (re)connect."""
         if code.is_failure:
             return
-        # Telemetry at QoS 0: acknowledging each report would cost paho a
-        # send per message (about as much again as receiving it), and the
-        # broker's queue for an absent or lagging controller (max_queued_messages)
-        # holds a fraction of a second of a large fleet's telemetry either way.
-        # Reports are periodic, so one lost only delays a fit or an
-        # acknowledgement. Presence (births and last wills) stays at QoS 1.
-        client.subscribe(self.topics.any_agent(Kind.TELEMETRY), qos=0)
         client.subscribe(self.topics.any_agent(Kind.AGENT_STATUS), qos=1)
-        # Sessions kept by the broker from older versions also had the budget.
+        # Sessions kept by the broker from older versions also had these.
         client.unsubscribe(self.topics.budget)
+        client.unsubscribe(self.topics.any_agent(Kind.TELEMETRY))
         birth = schemas.controller_status(state="online")
         client.publish(
             self.topics.controller_status,
@@ -264,6 +274,23 @@ class Controller:
             qos=1,
             retain=True,
         )
+
+    def _start_receiver(self) -> Receiver:
+        """Telemetry at QoS 0, received in a child process (see its module)."""
+        telemetry = self.topics.any_agent(Kind.TELEMETRY)
+        client_id = f"fairsynergy-controller-{self.fleet}-telemetry"
+        return Receiver(self.broker, client_id, [(telemetry, 0)])
+
+    def _pass_batches(self) -> None:
+        """Move the receiver's batches to the inbox until it stops."""
+        assert self.receiver is not None
+        while True:
+            try:
+                batch = self.receiver.receive()
+            except (EOFError, OSError):
+                self.inbox.put(_RECEIVER_GONE)
+                return
+            self.inbox.put(batch)
 
     def _connect_control(self) -> paho.Client:
         """The budget's own session: never queued behind telemetry."""
@@ -285,7 +312,7 @@ class Controller:
     ) -> None:
         if message.topic == self.topics.budget:
             return  # a session from before the budget had its own: stale order
-        self.inbox.put((message.topic, bytes(message.payload), self.clock()))
+        self.inbox.put([(message.topic, bytes(message.payload), self.clock())])
 
     def _on_control_message(
         self, _c: paho.Client, _u: object, message: paho.MQTTMessage
@@ -295,6 +322,9 @@ class Controller:
         self.inbox.put(_WAKE)
 
     def _shutdown(self) -> None:
+        receiver, self.receiver = self.receiver, None
+        if receiver is not None:
+            receiver.close()
         control, self.control_client = self.control_client, None
         if control is not None:
             control.disconnect()
@@ -336,18 +366,21 @@ class Controller:
         except queue.Empty:
             first = None
         self._receive_control()
-        if first is not None:
-            self._handle(first)
-            for _ in range(BATCH):
-                try:
-                    self._handle(self.inbox.get_nowait())
-                except queue.Empty:
-                    break
+        handled = 0 if first is None else self._handle(first)
+        while 0 < handled < BATCH:
+            try:
+                handled += self._handle(self.inbox.get_nowait())
+            except queue.Empty:
+                break
         self.housekeeping(self.clock())
 
-    def _handle(self, item: tuple[str, bytes, float]) -> None:
-        if item is not _WAKE:
+    def _handle(self, batch: list[Message]) -> int:
+        """Receive a batch from the inbox; returns how many messages it held."""
+        if batch is _RECEIVER_GONE:
+            raise FairsynergyError("the telemetry receiver process stopped")
+        for item in batch:
             self.receive(*item)
+        return max(len(batch), 1)
 
     def _receive_control(self) -> None:
         while True:
@@ -421,7 +454,8 @@ class Controller:
             released = self.ledger.acknowledge(report.agent, report.epoch)
             self.late.discard(report.agent)
             if released and not self.transition_complete:
-                self.triggers.add("ack", now)
+                self.blocking.discard(report.agent)
+                self.triggers.add("ack", now, urgent=not self.blocking)
 
     def check_fits(self, now: float) -> None:
         """Trigger a reallocation if a fit moved enough to matter.
@@ -553,7 +587,9 @@ class Controller:
             self.last_fit_check_at = now
         if now >= self.last_cycle_at + self.config.reallocation_interval:
             self.triggers.add("tick", now)
-        if now >= self.last_saved_at + STATE_SAVE_INTERVAL_S:
+        # An agent reporting many times a second costs one state write per
+        # interval, not one per report.
+        if now >= self.last_saved_at + self.config.learner_save_interval:
             self.save_learners()
             self.last_saved_at = now
         if now >= self.triggers.due_at():
@@ -609,6 +645,9 @@ class Controller:
         A cycle triggered only by acknowledgements or lapsed grants continues
         the transition to the target already solved, so that agents waiting
         to grow get there instead of chasing a new exploring target each time.
+        A moved fit waits for the transition under way to complete, then
+        re-solves: while the learner is busy, fits move every few seconds, and
+        re-solving each time would never let a transition finish.
         """
         self.last_cycle_at = now
         active = [a for a, info in self.agents.items() if info.online]
@@ -620,20 +659,24 @@ class Controller:
         reasons = set(trigger.split(","))
         if reasons & {"tick", "budget"}:
             self.draws.clear()  # a new exploration draw for everyone
+        if "fit" in reasons and target is not None:
+            self.fit_deferred = True
+            reasons.discard("fit")
         continuing = reasons <= {"ack", "expiry"}
         if target is None or target.agents != tuple(active) or not continuing:
             target = self._solve(active, budget)
+            self.fit_deferred = False
 
+        held = self.ledger.held(active, self.resources)
         step = plan_transition(
             budget,
             target.cloud,
-            self.ledger.held(active, self.resources),
+            held,
             self.ledger.current(active, self.resources),
             hysteresis=self.config.hysteresis,
             new_agents=np.array([self._needs_grant(a, now) for a in active]),
         )
-        self.transition_complete = step.complete
-        self.target = None if step.complete else target
+        self._follow(step, target, active, held, now)
         if not step.publish.any() and "restart" not in trigger:
             return
 
@@ -645,6 +688,28 @@ class Controller:
         )
         self._publish(changed, shares, target.prices, now)
         self._report(trigger, active, changed, expected, target, started, step)
+
+    def _follow(
+        self,
+        step: Transition,
+        target: Target,
+        active: list[str],
+        held: np.ndarray,
+        now: float,
+    ) -> None:
+        """Remember how the transition stands after ``step``.
+
+        Until it completes, the agents still holding more than ``step`` gives
+        them are what growth waits for: the acknowledgement of the last of
+        them runs the next cycle at once.
+        """
+        self.transition_complete = step.complete
+        self.target = None if step.complete else target
+        holding = np.flatnonzero((held > step.cloud * (1 + 1e-12)).any(axis=1))
+        self.blocking = {active[row] for row in holding.tolist()}
+        if step.complete and self.fit_deferred:
+            self.fit_deferred = False
+            self.triggers.add("fit", now)
 
     def _solve(self, active: list[str], budget: np.ndarray) -> Target:
         """The allocation to head for: fair at the estimates, plus exploration."""
@@ -858,6 +923,7 @@ class Controller:
             worst_accuracy=round(worst, 4),
             exploration=round(target.exploration, 4),
             complete=step.complete,
+            waiting_for=len(self.blocking),
         )
         if step.over_budget.any():
             self.log.warning(
@@ -925,8 +991,9 @@ class Controller:
         )
 
 
-# Put on the inbox to wake a waiting loop; never handled as a message.
-_WAKE = ("", b"", 0.0)
+# Put on the inbox to wake a waiting loop, and to say the receiver has gone.
+_WAKE: list[Message] = []
+_RECEIVER_GONE: list[Message] = []
 
 
 def _kind_label(event: Event) -> str:

@@ -62,6 +62,9 @@ def open_store(path: Path, fleet: str, config: ControllerConfig) -> Store:
     )
 
 
+SWITCH_INTERVAL_S = 0.0005
+
+
 def run_controller(args: argparse.Namespace) -> int:
     """Run the daemon until SIGTERM or SIGINT."""
     config = load_config(args.config, os.environ)
@@ -78,6 +81,11 @@ def run_controller(args: argparse.Namespace) -> int:
                 f"{error.strerror} (set metrics_port = 0 to turn them off)"
             ) from None
 
+    # paho's network thread gives up the interpreter lock at every socket
+    # read and then waits for the loop thread to hand it back; the default
+    # 5 ms switch interval starves it under load. A shorter one lets it read
+    # as fast as the loop handles (bench/bench_controller.py).
+    sys.setswitchinterval(SWITCH_INTERVAL_S)
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())

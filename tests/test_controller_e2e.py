@@ -45,6 +45,7 @@ hysteresis = 0.02
 fit_change = 0.01
 grant_lease = 4.0
 ack_timeout = 1.0
+learner_save_interval = 1.0
 offline_grace = 1.0
 rate_limit = 100.0
 rate_burst = 100.0

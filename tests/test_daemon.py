@@ -102,17 +102,29 @@ def test_triggers_postpone_at_most_five_debounce_periods():
     assert triggers.due_at() == pytest.approx(12.5)
 
 
+def test_triggers_run_acknowledgements_one_debounce_after_the_first():
+    """Acknowledgements that keep coming do not postpone the growth they free."""
+    triggers = Triggers(debounce=0.5)
+
+    for step in range(10):
+        triggers.add("ack", 10.0 + 0.1 * step)
+
+    assert triggers.due_at() == pytest.approx(10.5)
+
+
 def test_controller_reads_budget_before_queued_telemetry(controller, clock):
     """A budget behind a full batch of telemetry is applied in the first step."""
-    for seq in range(1, BATCH + 200):
-        payload = report("a1", seq, 0.5, clock)
-        controller.inbox.put((TOPICS.for_agent("a1").telemetry, payload, clock.now))
+    topic = TOPICS.for_agent("a1").telemetry
+    seqs = iter(range(1, 10_000))
+    for _ in range(3):
+        batch = [(topic, report("a1", next(seqs), 0.5, clock), clock.now)]
+        controller.inbox.put(batch * (BATCH // 2 + 50))
     controller.control_inbox.put((TOPICS.budget, budget_payload(BUDGET), clock.now))
 
     controller.step(0.0)
 
     assert controller.budget == BUDGET
-    assert controller.inbox.qsize() > 0  # telemetry was still waiting
+    assert controller.inbox.qsize() == 1  # the third batch is still waiting
 
 
 def test_controller_ignores_budget_on_the_telemetry_session(controller, clock):

@@ -1,0 +1,149 @@
+"""Telemetry intake in a process of its own, handed to the daemon in batches.
+
+Why a process: paho's network loop reads one packet per ``select`` and three
+small socket reads per packet, and every read gives up the interpreter lock.
+In the daemon's process, the loop thread and the store's writer hold that lock
+most of the time, so paho waited for it at each read and the controller took
+in about half of a 5,000 reports/s stream while using two thirds of a core
+(``bench/bench_controller.py``). Here paho has an interpreter to itself; what
+it receives crosses a pipe as one pickled list per few milliseconds, which
+the daemon unpacks in one go.
+
+The receiver is a child of the daemon (``spawn``, so it shares no threads or
+locks with it). It subscribes with its own client id (a session of its own
+next to the daemon's), exits when the daemon closes the pipe or dies, and is
+otherwise stateless: everything it knows arrives with each message.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import threading
+import time
+from collections.abc import Sequence
+from multiprocessing.connection import Connection
+
+import paho.mqtt.client as paho
+from paho.mqtt.reasoncodes import ReasonCode
+
+from controller.broker import BrokerOptions, connect, make_client
+
+# A batch is sent when it holds this many messages or is this old.
+BATCH_MESSAGES = 500
+BATCH_AGE_S = 0.002
+# Most messages held in the receiver while the daemon is busy; paho then
+# stops reading, and the broker applies its own queue limit.
+BACKLOG_LIMIT = 50_000
+# How often the receiver checks that the daemon still exists.
+PARENT_CHECK_S = 0.5
+START_TIMEOUT_S = 30.0
+
+Message = tuple[str, bytes, float]
+
+
+class Receiver:
+    """The daemon's end: start the child, then read its batches."""
+
+    def __init__(
+        self,
+        broker: BrokerOptions,
+        client_id: str,
+        subscriptions: Sequence[tuple[str, int]],
+    ) -> None:
+        context = multiprocessing.get_context("spawn")
+        self._conn, child_conn = context.Pipe(duplex=False)
+        self.process = context.Process(
+            target=receive_main,
+            args=(broker, client_id, list(subscriptions), child_conn, os.getpid()),
+            name="fairsynergy-receiver",
+            daemon=True,
+        )
+        self.process.start()
+        child_conn.close()
+
+    def wait_ready(self, timeout: float = START_TIMEOUT_S) -> None:
+        """Block until the child is connected and subscribed, or raise its error."""
+        if not self._conn.poll(timeout):
+            raise RuntimeError(f"the telemetry receiver did not start in {timeout} s")
+        first = self._conn.recv()
+        if isinstance(first, BaseException):
+            raise first
+
+    def receive(self) -> list[Message]:
+        """The next batch; raises EOFError once the child has gone."""
+        batch: list[Message] = self._conn.recv()
+        return batch
+
+    def close(self) -> None:
+        self._conn.close()
+        self.process.join(timeout=2.0)
+        if self.process.is_alive():
+            self.process.terminate()
+            self.process.join(timeout=2.0)
+
+
+def receive_main(
+    broker: BrokerOptions,
+    client_id: str,
+    subscriptions: list[tuple[str, int]],
+    conn: Connection,
+    parent: int,
+) -> None:
+    """The child's body: receive, batch, send; return when the daemon is gone."""
+    pending: list[Message] = []
+    ready = threading.Condition()
+
+    def on_message(_c: paho.Client, _u: object, message: paho.MQTTMessage) -> None:
+        with ready:
+            while len(pending) >= BACKLOG_LIMIT:
+                ready.wait()
+            pending.append((message.topic, bytes(message.payload), time.time()))
+            if len(pending) >= BATCH_MESSAGES:
+                ready.notify_all()
+
+    def on_connect(
+        client: paho.Client, _u: object, _f: object, code: ReasonCode, _p: object
+    ) -> None:
+        if not code.is_failure:
+            for topic, qos in subscriptions:
+                client.subscribe(topic, qos=qos)
+
+    try:
+        client = make_client(broker, client_id)
+        client.on_message = on_message
+        client.on_connect = on_connect
+        connect(client)
+    except Exception as error:
+        conn.send(error)
+        return
+    conn.send("ready")
+    try:
+        _forward(conn, pending, ready, parent)
+    finally:
+        client.disconnect()
+        client.loop_stop()
+
+
+def _forward(
+    conn: Connection, pending: list[Message], ready: threading.Condition, parent: int
+) -> None:
+    """Send what paho received, batch by batch, until the daemon goes away."""
+    checked_at = time.monotonic()
+    while True:
+        with ready:
+            if len(pending) < BATCH_MESSAGES:
+                ready.wait(BATCH_AGE_S)
+            batch = pending[:]
+            pending.clear()
+            ready.notify_all()
+        if batch:
+            try:
+                conn.send(batch)
+            except (BrokenPipeError, EOFError, OSError):
+                return
+        now = time.monotonic()
+        if now - checked_at >= PARENT_CHECK_S:
+            checked_at = now
+            if os.getppid() != parent:
+                return
