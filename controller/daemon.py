@@ -64,6 +64,11 @@ BATCH = 500
 # agents a sweep costs milliseconds. Dropping a lapsed grant late only keeps
 # the pool accounting conservative a little longer.
 SWEEP_INTERVAL_S = 0.25
+# A cycle that took T seconds is followed by at least CYCLE_SPACING * T seconds
+# for telemetry before the next one that is not urgent: at 10,000 agents a
+# cycle takes seconds, and fits that move somewhere in the fleet every few
+# seconds would otherwise keep the loop in cycles and its inbox growing.
+CYCLE_SPACING = 3.0
 # Agents named in one late-acknowledgement warning; the rest are counted.
 LATE_AGENTS_LOGGED = 5
 # Longest the loop sleeps when nothing is due, so shutdown stays prompt.
@@ -133,6 +138,7 @@ class Triggers:
     last_at: float = -math.inf
     # The earliest time an urgent or prompt reason makes the cycle due.
     deadline: float = math.inf
+    urgent: bool = False
 
     def add(self, reason: str, now: float, *, urgent: bool = False) -> None:
         self.reasons.add(reason)
@@ -140,6 +146,7 @@ class Triggers:
         self.last_at = now
         if urgent or reason in URGENT:
             self.deadline = min(self.deadline, now)
+            self.urgent = True
         elif reason in PROMPT:
             self.deadline = min(self.deadline, now + self.debounce)
 
@@ -155,6 +162,7 @@ class Triggers:
         self.reasons.clear()
         self.first_at, self.last_at = math.inf, -math.inf
         self.deadline = math.inf
+        self.urgent = False
         return reasons
 
 
@@ -204,6 +212,8 @@ class Controller:
         self.last_cycle_at = -math.inf
         self.last_saved_at = -math.inf
         self.last_sweep_at = -math.inf
+        # The earliest time for the next cycle that is not urgent.
+        self.next_cycle_at = -math.inf
         self.last_fit_check_at = -math.inf
         # Agents whose learner changed since their state was last queued.
         self.dirty: set[str] = set()
@@ -352,6 +362,8 @@ class Controller:
             self.triggers.due_at(),
             self.last_cycle_at + self.config.reallocation_interval,
         )
+        if not self.triggers.urgent:
+            due = max(due, self.next_cycle_at)
         return min(IDLE_S, max(0.0, due - self.clock()))
 
     def step(self, wait: float) -> None:
@@ -592,12 +604,16 @@ class Controller:
         if now >= self.last_saved_at + self.config.learner_save_interval:
             self.save_learners()
             self.last_saved_at = now
-        if now >= self.triggers.due_at():
+        spaced = now >= self.next_cycle_at or self.triggers.urgent
+        if now >= self.triggers.due_at() and spaced:
             trigger = self.triggers.take()
+            started = time.perf_counter()
             try:
                 self.cycle(trigger, now)
             except Exception:
                 self.log.exception("cycle_failed", trigger=trigger, epoch=self.epoch)
+            took = time.perf_counter() - started
+            self.next_cycle_at = self.clock() + CYCLE_SPACING * took
 
     def sweep(self, now: float) -> None:
         """Lapse grants, warn of late acknowledgements, drop agents gone too long."""

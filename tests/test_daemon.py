@@ -185,3 +185,25 @@ def test_sweep_warns_once_for_all_late_agents(controller, clock):
     assert len(late) == 1
     assert late[0]["count"] == len(agents)
     assert len(late[0]["agents"]) <= 5
+
+
+def test_controller_spaces_cycles_by_their_cost_unless_urgent(controller, clock):
+    """After a cycle, a fit waits; a budget change does not."""
+    controller.receive(TOPICS.budget, budget_payload(BUDGET), clock.now)
+    topic = TOPICS.for_agent("a1").telemetry
+    controller.receive(topic, report("a1", 1, 0.5, clock), clock.now)
+    controller.housekeeping(clock.now)
+    first = controller.epoch
+    controller.next_cycle_at = clock.now + 10.0  # as if the cycle took 3.3 s
+
+    controller.triggers.add("fit", clock.now)
+    clock.now += 1.0
+    controller.housekeeping(clock.now)
+    after_fit = controller.epoch
+    controller.receive(TOPICS.budget, budget_payload({"compute": 2.0}), clock.now)
+    controller.housekeeping(clock.now)
+
+    assert first > 0
+    assert after_fit == first
+    assert controller.epoch > first
+    assert not controller.triggers.reasons  # the budget's cycle took the fit along
