@@ -76,8 +76,13 @@ class Receiver:
         return batch
 
     def close(self) -> None:
+        """Stop the child.
+
+        It notices the closed pipe at its next batch, or is terminated: it
+        holds nothing that needs saving.
+        """
         self._conn.close()
-        self.process.join(timeout=2.0)
+        self.process.join(timeout=0.5)
         if self.process.is_alive():
             self.process.terminate()
             self.process.join(timeout=2.0)
@@ -99,7 +104,7 @@ def receive_main(
             while len(pending) >= BACKLOG_LIMIT:
                 ready.wait()
             pending.append((message.topic, bytes(message.payload), time.time()))
-            if len(pending) >= BATCH_MESSAGES:
+            if len(pending) in (1, BATCH_MESSAGES):
                 ready.notify_all()
 
     def on_connect(
@@ -132,8 +137,10 @@ def _forward(
     checked_at = time.monotonic()
     while True:
         with ready:
-            if len(pending) < BATCH_MESSAGES:
-                ready.wait(BATCH_AGE_S)
+            if not pending:
+                ready.wait(PARENT_CHECK_S)  # idle: sleep until the first message
+            if 0 < len(pending) < BATCH_MESSAGES:
+                ready.wait(BATCH_AGE_S)  # let a batch gather
             batch = pending[:]
             pending.clear()
             ready.notify_all()
