@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -31,6 +30,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench import _machine
 from controller.allocate import allocate
 from controller.problem import Problem
 
@@ -125,22 +125,7 @@ def time_cvxpy(problem: Problem) -> dict[str, float] | None:
 
 def machine() -> dict[str, Any]:
     """CPU, cores, versions and load, for the record."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as info:
-            names = [
-                line.split(":", 1)[1].strip() for line in info if "model name" in line
-            ]
-        cpu = names[0] if names else cpu
-    except OSError:
-        pass
-    return {
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "python": platform.python_version(),
-        "numpy": np.__version__,
-        "load": os.getloadavg(),
-    }
+    return _machine.machine(numpy=np.__version__, load=os.getloadavg())
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -64,6 +64,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import schemas
+from bench import _machine
 from bench._loadgen import (
     MULTIPLEXED_QOS,
     GeneratorSpec,
@@ -71,6 +72,7 @@ from bench._loadgen import (
     counter_main,
     generator_main,
 )
+from bench._machine import first_field, load_average
 from controller.localbroker import LocalBroker, find_mosquitto, free_port
 from controller.operate import controller_command
 from schemas import Kind, Topics
@@ -172,32 +174,16 @@ FULL = Plan(
 
 def machine() -> dict[str, Any]:
     """What the numbers were measured on."""
-    cpu = _first_field("/proc/cpuinfo", "model name")
-    memory = _first_field("/proc/meminfo", "MemTotal")
+    memory = first_field("/proc/meminfo", "MemTotal")
     version = subprocess.run(
         [find_mosquitto(), "-h"], capture_output=True, text=True, check=False
     ).stdout.splitlines()[0]
-    return {
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "ram": f"{int(memory.split()[0]) / 2**20:.1f} GiB",
-        "python": platform.python_version(),
-        "paho-mqtt": importlib.metadata.version("paho-mqtt"),
-        "mosquitto": version,
-        "platform": platform.platform(),
-    }
-
-
-def _first_field(path: str, name: str) -> str:
-    with open(path) as handle:
-        for line in handle:
-            if line.startswith(name):
-                return line.split(":", 1)[1].strip()
-    return "unknown"
-
-
-def load_average() -> str:
-    return " ".join(f"{load:.2f}" for load in os.getloadavg())
+    return _machine.machine(
+        ram=f"{int(memory.split()[0]) / 2**20:.1f} GiB",
+        **{"paho-mqtt": importlib.metadata.version("paho-mqtt")},
+        mosquitto=version,
+        platform=platform.platform(),
+    )
 
 
 def cpu_seconds(pid: int) -> float:

@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import importlib.metadata
 import json
-import os
 import platform
 import random
 import sqlite3
@@ -39,6 +38,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+from bench import _machine
 from controller.store import Retention, Store
 
 SEED = 20250903
@@ -47,21 +47,12 @@ RESOURCES = ("compute", "data")
 
 def machine() -> dict[str, Any]:
     """What the numbers were measured on."""
-    cpu = "unknown"
-    with open("/proc/cpuinfo") as handle:
-        for line in handle:
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    return {
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "python": platform.python_version(),
-        "sqlite": sqlite3.sqlite_version,
-        "sqlite-utils": importlib.metadata.version("sqlite-utils"),
-        "platform": platform.platform(),
-        "load average": " ".join(f"{load:.2f}" for load in os.getloadavg()),
-    }
+    return _machine.machine(
+        sqlite=sqlite3.sqlite_version,
+        **{"sqlite-utils": importlib.metadata.version("sqlite-utils")},
+        platform=platform.platform(),
+        **{"load average": _machine.load_average()},
+    )
 
 
 def learner_state(rng: random.Random) -> dict[str, Any]:

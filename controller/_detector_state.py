@@ -55,7 +55,8 @@ def detector_from_state(state: dict[str, Any]) -> base.DriftDetector:
         )
     from river import drift  # slow to import, and only NoDrift needs it
 
-    detector = drift.NoDrift(**_restore(state["params"]))  # type: ignore[no-untyped-call]
+    params = _restore(state["params"])
+    detector = drift.NoDrift(**params)  # type: ignore[no-untyped-call]
     _assign(detector, state["state"])
     return detector
 

@@ -751,7 +751,7 @@ class Controller:
             agents=tuple(active),
             problem=problem,
             cloud=exploration.cloud,
-            prices=dict(zip(self.resources, prices, strict=True)),
+            prices=self._amounts(prices),
             exploration=exploration.share,
             solve_seconds=time.perf_counter() - started,
         )
@@ -821,12 +821,12 @@ class Controller:
             if agent in published or latest is None:
                 latest = Grant(self.epoch, {}, now, now + lease)
             shares[agent] = {
-                "cloud": dict(zip(self.resources, amounts, strict=True)),
+                "cloud": self._amounts(amounts),
                 "expected_accuracy": accuracy,
                 "epoch": latest.epoch,
                 "published_at": latest.published_at,
                 "expires": latest.expires,
-                "held": dict(zip(self.resources, most, strict=True)),
+                "held": self._amounts(most),
             }
             self.agents[agent].expected_accuracy = accuracy
         away = sorted(set(self.ledger.agents()) - set(active))
@@ -839,7 +839,7 @@ class Controller:
                 "epoch": grant.epoch,
                 "published_at": grant.published_at,
                 "expires": grant.expires,
-                "held": dict(zip(self.resources, most, strict=True)),
+                "held": self._amounts(most),
                 "away": True,
             }
         self.store.record_allocation(
@@ -853,8 +853,9 @@ class Controller:
         )
         return shares
 
-    def _amounts(self, values: np.ndarray) -> dict[str, float]:
-        return dict(zip(self.resources, values.tolist(), strict=True))
+    def _amounts(self, values: list[float]) -> dict[str, float]:
+        """One amount per resource, by name."""
+        return dict(zip(self.resources, values, strict=True))
 
     def _publish(
         self,
@@ -945,7 +946,7 @@ class Controller:
             self.log.warning(
                 "budget_below_holdings",
                 epoch=self.epoch,
-                over=self._amounts(step.over_budget),
+                over=self._amounts(step.over_budget.tolist()),
             )
 
     # -- state -------------------------------------------------------------

@@ -17,6 +17,7 @@ the sender's ``rejected`` topic. Nothing here raises on bad input.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -47,7 +48,7 @@ CONFIRMATIONS = 3
 CLOUD_TOLERANCE = 0.01
 # Parsed topics kept, so that each agent's topic is parsed once, not per
 # message: a few per agent of the largest fleets. Anyone may publish under
-# the fleet's prefix, so the cache starts over when it is full.
+# the fleet's prefix, so the least recently used are forgotten beyond this.
 TOPIC_CACHE_SIZE = 65_536
 
 # Kinds the controller publishes itself and receives back as echoes.
@@ -150,7 +151,6 @@ class Ingest:
         self.max_payload_bytes = max_payload_bytes
         self.limiter = RateLimiter(rate_limit, rate_burst)
         self._history: dict[str, AgentHistory] = {}
-        self._topics: dict[str, TopicName] = {}
 
     def restore_seq(self, agent: str, seq: int) -> None:
         """After a restart: duplicates of reports already stored stay duplicates."""
@@ -172,12 +172,10 @@ class Ingest:
         ``granted(agent)`` is the most cloud of each resource that agent may
         hold now: reports of using more are refused.
         """
-        name = self._topics.get(topic)
-        if name is None:
-            try:
-                name = self._parse_topic(topic)
-            except TopicError as error:
-                return Rejected(topic, "unknown", "topic", str(error), notify=False)
+        try:
+            name = parsed_topic(topic)
+        except TopicError as error:
+            return Rejected(topic, "unknown", "topic", str(error), notify=False)
         if name.fleet != self.fleet:
             return Rejected(topic, name.kind, "fleet", "another fleet", notify=False)
         if name.kind in _OWN_KINDS:
@@ -201,14 +199,6 @@ class Ingest:
                 error.seq,
             )
         return self._event(topic, name.kind, name.agent, message, granted)
-
-    def _parse_topic(self, topic: str) -> TopicName:
-        """Parse a topic not seen before and remember it; TopicError if bad."""
-        name = parse_topic(topic)
-        if len(self._topics) >= TOPIC_CACHE_SIZE:
-            self._topics.clear()
-        self._topics[topic] = name
-        return name
 
     def _event(
         self,
@@ -285,6 +275,12 @@ class Ingest:
         history.local = dict(report.local)
         history.model = report.model
         return report
+
+
+@functools.lru_cache(maxsize=TOPIC_CACHE_SIZE)
+def parsed_topic(topic: str) -> TopicName:
+    """:func:`schemas.parse_topic`, remembered (refused topics are not)."""
+    return parse_topic(topic)
 
 
 def telemetry_event(agent: str, message: Mapping[str, Any]) -> Telemetry:

@@ -8,12 +8,14 @@ import pytest
 
 from controller.ingest import (
     CONFIRMATIONS,
+    TOPIC_CACHE_SIZE,
     AgentStatus,
     Budget,
     Ignored,
     Ingest,
     Rejected,
     Telemetry,
+    parsed_topic,
 )
 
 FLEET = "test"
@@ -177,21 +179,24 @@ def test_ingest_reads_status_and_budget_and_ignores_own_output():
     assert isinstance(events[2], Ignored)
 
 
-def test_ingest_remembers_topics_within_a_bound(monkeypatch: pytest.MonkeyPatch):
+def test_ingest_remembers_topics_within_a_bound():
     """Parsed topics are reused, the cache stays bounded, bad topics stay bad."""
-    monkeypatch.setattr("controller.ingest.TOPIC_CACHE_SIZE", 2)
     ingest = make_ingest()
     topics = [f"fairsynergy/test/agents/robot-{n}/telemetry" for n in range(3)]
+    parsed_topic.cache_clear()
 
     events = [ingest.handle(topic, report(1), 0.0, GRANT) for topic in topics]
     again = ingest.handle(topics[0], report(2), 0.0, GRANT)
     bad = [ingest.handle("fairsynergy/test/nowhere", b"{}", 0.0, GRANT) for _ in "ab"]
+    cache = parsed_topic.cache_info()
 
-    assert [event.agent for event in events] == ["robot-0", "robot-1", "robot-2"]  # type: ignore[union-attr]
+    agents = [event.agent for event in events]  # type: ignore[union-attr]
+    assert agents == ["robot-0", "robot-1", "robot-2"]
     assert isinstance(again, Telemetry)
     assert again.agent == "robot-0"
-    assert len(ingest._topics) <= 2
-    assert [event.reason for event in bad] == ["topic", "topic"]  # type: ignore[union-attr]
+    assert (cache.hits, cache.currsize, cache.maxsize) == (1, 3, TOPIC_CACHE_SIZE)
+    reasons = [event.reason for event in bad]  # type: ignore[union-attr]
+    assert reasons == ["topic", "topic"]
 
 
 def test_ingest_unchanged_local_amounts_are_plausible():
