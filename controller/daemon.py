@@ -4,11 +4,14 @@ Threads and ownership:
 
 - telemetry is received in a child process (:mod:`controller.receiver`)
   and arrives in batches of ``(topic, payload, received_at)``; a thread puts
-  each batch on the inbox. paho's network threads in this process (agent
-  presence, and the budget) only queue what they receive; nothing but the
-  loop touches the controller's state. The budget arrives on a connection
-  of its own with an inbox of its own, read first, so that a flood of
-  telemetry can neither delay a budget change nor make the broker drop it;
+  each batch on the inbox. Allocations and the fleet summary leave through
+  another child (:mod:`controller.publisher`), so that an epoch for the whole
+  fleet reaches the broker while the loop goes on. paho's network threads in
+  this process (agent presence, and the budget) only queue what they
+  receive; nothing but the loop touches the controller's state. The budget
+  arrives on a connection of its own with an inbox of its own, read first,
+  so that a flood of telemetry can neither delay a budget change nor make
+  the broker drop it;
 - the loop thread (the caller of :meth:`Controller.run`) owns all state and
   does everything else, one message at a time, so no state needs a lock;
 - the store's writer thread commits telemetry and learner states in batches.
@@ -53,6 +56,7 @@ from controller.logs import excerpt
 from controller.metrics import ControllerMetrics
 from controller.problem import Problem
 from controller.publish import Grant, GrantLedger, Transition, plan_transition
+from controller.publisher import EpochShares, Outgoing, Publisher
 from controller.receiver import Message, Receiver
 from controller.store import Store
 from schemas import Kind, Topics
@@ -69,6 +73,9 @@ SWEEP_INTERVAL_S = 0.25
 # cycle takes seconds, and fits that move somewhere in the fleet every few
 # seconds would otherwise keep the loop in cycles and its inbox growing.
 CYCLE_SPACING = 3.0
+# Learners rebuilt from their saved state per loop step after a restart:
+# about 0.1 s of work, so telemetry keeps flowing meanwhile.
+REBUILD_SLICE = 500
 # Agents named in one late-acknowledgement warning; the rest are counted.
 LATE_AGENTS_LOGGED = 5
 # Longest the loop sleeps when nothing is due, so shutdown stays prompt.
@@ -83,10 +90,6 @@ LOAD_SMOOTHING = 0.2
 # Batches waiting in the inbox (about 200,000 messages): beyond, the receiver
 # stops reading and the broker applies its own queue limit.
 INBOX_LIMIT = 400
-# The fleet summary lists every agent (about 100 bytes each), so it may exceed
-# the 64 KiB limit of device messages; see deploy/mosquitto/mosquitto.conf.
-SUMMARY_MAX_BYTES = 16 * 1024 * 1024
-SUMMARY_FIELDS = ("cloud", "expected_accuracy", "epoch", "expires")
 
 
 @dataclass
@@ -103,10 +106,14 @@ class AgentInfo:
 
 @dataclass(frozen=True)
 class Target:
-    """A solved allocation the fleet is moving to, possibly over several epochs."""
+    """A solved allocation the fleet is moving to, possibly over several epochs.
+
+    Without a ``problem`` it is the last recorded epoch, continued by a
+    restart before the learners are rebuilt (see :meth:`Controller.cycle`).
+    """
 
     agents: tuple[str, ...]
-    problem: Problem
+    problem: Problem | None
     cloud: np.ndarray
     prices: dict[str, float]
     exploration: float  # share of the exploring allocation in ``cloud``
@@ -231,26 +238,39 @@ class Controller:
         self.inbox: queue.Queue[list[Message]] = queue.Queue(INBOX_LIMIT)
         self.control_inbox: queue.SimpleQueue[Message] = queue.SimpleQueue()
         self.receiver: Receiver | None = None
+        self.publisher: Publisher | None = None
         self.client: paho.Client | None = None
         self.control_client: paho.Client | None = None
+        # The prices of the last epoch recorded before a restart.
+        self.restored_prices: dict[str, float] = {}
+        # Learners are being rebuilt from the store, a slice per loop step.
+        self.rebuilding = False
         # The received counter of each kind of event, looked up once.
         self._received: dict[type, Any] = {}
 
     # -- lifecycle ---------------------------------------------------------
 
     def run(self, stop: threading.Event) -> None:
-        """Restore state, connect, and loop until ``stop`` is set."""
-        self.restore()
+        """Restore state, connect, and loop until ``stop`` is set.
+
+        The child processes start first: they spend their first second
+        importing and connecting, on another core, while this one restores.
+        """
         self.receiver = self._start_receiver()
-        self.client = self._connect()
-        self.control_client = self._connect_control()
-        self.receiver.wait_ready()
-        threading.Thread(
-            target=self._pass_batches, name="fairsynergy-batches", daemon=True
-        ).start()
-        self.log.info("controller_started", fleet=self.fleet, epoch=self.epoch)
-        self.triggers.add("restart", self.clock())
+        self.publisher = Publisher(
+            self.broker, f"fairsynergy-controller-{self.fleet}-publisher", self.fleet
+        )
         try:
+            self.restore()
+            self.client = self._connect()
+            self.control_client = self._connect_control()
+            self.receiver.wait_ready()
+            self.publisher.wait_ready()
+            threading.Thread(
+                target=self._pass_batches, name="fairsynergy-batches", daemon=True
+            ).start()
+            self.log.info("controller_started", fleet=self.fleet, epoch=self.epoch)
+            self.triggers.add("restart", self.clock())
             while not stop.is_set():
                 self.step(self._wait_time())
         finally:
@@ -335,6 +355,9 @@ class Controller:
         receiver, self.receiver = self.receiver, None
         if receiver is not None:
             receiver.close()
+        publisher, self.publisher = self.publisher, None
+        if publisher is not None:
+            publisher.close()
         control, self.control_client = self.control_client, None
         if control is not None:
             control.disconnect()
@@ -594,6 +617,8 @@ class Controller:
         if now >= self.last_sweep_at + SWEEP_INTERVAL_S:
             self.sweep(now)
             self.last_sweep_at = now
+        if self.rebuilding:
+            self._rebuild_learners(now)
         if now >= self.last_fit_check_at + self.config.debounce:
             self.check_fits(now)
             self.last_fit_check_at = now
@@ -615,8 +640,36 @@ class Controller:
             took = time.perf_counter() - started
             self.next_cycle_at = self.clock() + CYCLE_SPACING * took
 
+    def _rebuild_learners(self, now: float) -> None:
+        """Rebuild a slice of the learners held since the restart.
+
+        Once the last is rebuilt, a ``restored`` cycle solves with all of
+        them. States the learner could not rebuild are reported here; those
+        agents learn again from their model's prior.
+        """
+        learner = self.learner
+        if learner.restore_held(REBUILD_SLICE) == 0:
+            self.rebuilding = False
+            self.triggers.add("restored", now)
+        if learner.refused:
+            refused, learner.refused = learner.refused, {}
+            first = sorted(refused)[:LATE_AGENTS_LOGGED]
+            self.log.warning(
+                "learner_states_refused",
+                count=len(refused),
+                agents=first,
+                reasons=[refused[agent] for agent in first],
+            )
+
     def sweep(self, now: float) -> None:
-        """Lapse grants, warn of late acknowledgements, drop agents gone too long."""
+        """Lapse grants, warn of late acknowledgements, drop agents gone too long.
+
+        Also stops the daemon (for its supervisor to restart) if the
+        publisher process has died: a controller that cannot publish must
+        not go on granting.
+        """
+        if self.publisher is not None and not self.publisher.alive():
+            raise FairsynergyError("the allocation publisher process stopped")
         if self.ledger.expire(now):
             self.triggers.add("expiry", now)
         late = [
@@ -647,11 +700,10 @@ class Controller:
         self.ingest.forget(agent)
         self.triggers.add("leave", now)
         self.log.info("agent_left", agent=agent)
-        if self.client is not None:
-            # Clear the retained allocation, so the agent does not find it
-            # again on its return as if it were still granted.
-            topic = self.topics.for_agent(agent).allocation
-            self.client.publish(topic, b"", qos=1, retain=True)
+        # Clear the retained allocation, so the agent does not find it again
+        # on its return as if it were still granted. It goes the way its
+        # grants went, so the broker keeps them in order.
+        self._send([(self.topics.for_agent(agent).allocation, b"", True)])
 
     # -- allocation --------------------------------------------------------
 
@@ -679,7 +731,9 @@ class Controller:
             self.fit_deferred = True
             reasons.discard("fit")
         continuing = reasons <= {"ack", "expiry"}
-        if target is None or target.agents != tuple(active) or not continuing:
+        if reasons == {"restart"} and self.learner.held:
+            target = self._recorded_target(active)
+        elif target is None or target.agents != tuple(active) or not continuing:
             target = self._solve(active, budget)
             self.fit_deferred = False
 
@@ -696,13 +750,12 @@ class Controller:
         if not step.publish.any() and "restart" not in trigger:
             return
 
-        expected = capped_utility(target.problem, step.cloud)
+        expected = self._expected(target, active, step.cloud)
         self.epoch = self.store.next_epoch()
+        shares = self._shares(active, step, expected, target.prices, now)
+        self._record(trigger, shares)
+        self._publish(shares)
         changed = [a for a, p in zip(active, step.publish.tolist(), strict=True) if p]
-        shares = self._record(
-            trigger, active, step.cloud, expected, changed, target.prices, now
-        )
-        self._publish(changed, shares, target.prices, now)
         self._report(trigger, active, changed, expected, target, started, step)
 
     def _follow(
@@ -726,6 +779,34 @@ class Controller:
         if step.complete and self.fit_deferred:
             self.fit_deferred = False
             self.triggers.add("fit", now)
+
+    def _recorded_target(self, active: list[str]) -> Target:
+        """The restored grants, as they stand: what a restart republishes first.
+
+        Solving needs every agent's learner, and rebuilding 10,000 of them
+        from the store takes seconds; the grants restored from the last
+        epoch are consistent with the budget already. So the first cycle
+        after a restart renews them and publishes the summary of a new
+        epoch, and the learners are rebuilt in slices between batches of
+        telemetry; once they all are, a ``restored`` cycle solves again.
+        """
+        return Target(
+            agents=tuple(active),
+            problem=None,
+            cloud=self.ledger.current(active, self.resources),
+            prices=dict(self.restored_prices),
+            exploration=0.0,
+            solve_seconds=0.0,
+        )
+
+    def _expected(
+        self, target: Target, active: list[str], cloud: np.ndarray
+    ) -> np.ndarray:
+        """Each agent's expected accuracy at ``cloud``; NaN where unknown."""
+        if target.problem is not None:
+            return capped_utility(target.problem, cloud)
+        recorded = [self.agents[agent].expected_accuracy for agent in active]
+        return np.array([math.nan if e is None else e for e in recorded], dtype=float)
 
     def _solve(self, active: list[str], budget: np.ndarray) -> Target:
         """The allocation to head for: fair at the estimates, plus exploration."""
@@ -795,119 +876,108 @@ class Controller:
     def _alpha(self) -> float:
         return self.config.alpha if self.alpha is None else self.alpha
 
-    def _record(
+    def _shares(
         self,
-        trigger: str,
         active: list[str],
-        cloud: np.ndarray,
+        step: Transition,
         expected: np.ndarray,
-        changed: list[str],
         prices: dict[str, float],
         now: float,
-    ) -> dict[str, dict[str, Any]]:
-        """Commit the epoch before anything about it is published.
+    ) -> EpochShares:
+        """The new epoch: every agent's share, as recorded and summarised.
 
-        The record holds every grant still live, also of agents away but not
-        yet expired, so that a restarted controller counts all of them.
+        It lists every grant still live, also of agents away but not yet
+        expired, so that a restarted controller counts all of them.
         """
-        published = set(changed)
-        lease = self.config.grant_lease
-        held = np.maximum(self.ledger.held(active, self.resources), cloud)
-        expected = np.clip(expected, 0.0, 1.0)
-        shares: dict[str, dict[str, Any]] = {}
-        columns = (cloud.tolist(), held.tolist(), expected.tolist())
-        for agent, amounts, most, accuracy in zip(active, *columns, strict=True):
-            latest = self.ledger.latest(agent)
-            if agent in published or latest is None:
-                latest = Grant(self.epoch, {}, now, now + lease)
-            shares[agent] = {
-                "cloud": self._amounts(amounts),
-                "expected_accuracy": accuracy,
-                "epoch": latest.epoch,
-                "published_at": latest.published_at,
-                "expires": latest.expires,
-                "held": self._amounts(most),
-            }
-            self.agents[agent].expected_accuracy = accuracy
         away = sorted(set(self.ledger.agents()) - set(active))
-        away_held = self.ledger.held(away, self.resources).tolist()
-        for agent, most in zip(away, away_held, strict=True):
-            grant = self.ledger.latest(agent)
-            assert grant is not None
-            shares[agent] = {
-                "cloud": grant.cloud,
-                "epoch": grant.epoch,
-                "published_at": grant.published_at,
-                "expires": grant.expires,
-                "held": self._amounts(most),
-                "away": True,
+        agents = active + away
+        lease = self.config.grant_lease
+        publish = np.concatenate([step.publish, np.zeros(len(away), dtype=bool)])
+        latest = [self.ledger.latest(agent) for agent in agents]
+        old = [g if g is not None else Grant(self.epoch, {}, now, now) for g in latest]
+        new = publish | np.array([g is None for g in latest], dtype=bool)
+        held = self.ledger.held(agents, self.resources)
+        cloud = np.vstack([step.cloud, self.ledger.current(away, self.resources)])
+        nothing = np.full(len(away), np.nan)
+        return EpochShares(
+            epoch=self.epoch,
+            ts=now,
+            alpha=self._alpha(),
+            budget=dict(self.budget or {}),
+            prices=prices,
+            resources=self.resources,
+            agents=agents,
+            cloud=cloud,
+            held=np.maximum(held, cloud),
+            expected=np.concatenate([np.clip(expected, 0.0, 1.0), nothing]),
+            epochs=np.where(new, self.epoch, [g.epoch for g in old]),
+            published_at=np.where(new, now, [g.published_at for g in old]),
+            expires=np.where(new, now + lease, [g.expires for g in old]),
+            publish=publish,
+            away=np.arange(len(agents)) >= len(active),
+        )
+
+    def _record(self, trigger: str, shares: EpochShares) -> None:
+        """Commit the epoch before anything about it is published."""
+        columns = (
+            shares.expected.tolist(),
+            shares.epochs.tolist(),
+            shares.published_at.tolist(),
+            shares.expires.tolist(),
+            shares.away.tolist(),
+        )
+        agents: dict[str, dict[str, Any]] = {}
+        for row, (agent, expected, epoch, published_at, expires, away) in enumerate(
+            zip(shares.agents, *columns, strict=True)
+        ):
+            agents[agent] = {
+                "cloud": shares.amounts(row),
+                "epoch": epoch,
+                "published_at": published_at,
+                "expires": expires,
+                "held": shares.amounts(row, shares.held),
             }
+            if away:
+                agents[agent]["away"] = True
+            elif not math.isnan(expected):
+                agents[agent]["expected_accuracy"] = expected
+                self.agents[agent].expected_accuracy = expected
         self.store.record_allocation(
             self.epoch,
             trigger=trigger,
-            alpha=self._alpha(),
-            budget=self.budget or {},
-            prices=prices,
-            agents=shares,
-            ts=now,
+            alpha=shares.alpha,
+            budget=shares.budget,
+            prices=shares.prices,
+            agents=agents,
+            ts=shares.ts,
         )
-        return shares
 
     def _amounts(self, values: list[float]) -> dict[str, float]:
         """One amount per resource, by name."""
         return dict(zip(self.resources, values, strict=True))
 
-    def _publish(
-        self,
-        changed: list[str],
-        shares: dict[str, dict[str, Any]],
-        prices: dict[str, float],
-        now: float,
-    ) -> None:
-        """Grant and publish the changed agents' shares, then the fleet summary.
+    def _publish(self, shares: EpochShares) -> None:
+        """Grant the changed agents their shares and have the epoch published.
 
-        The builders check each message against the contract, so it is only
-        serialised (``schemas.dump``), not checked again.
+        The publisher process builds, checks and sends the messages (see
+        :class:`EpochShares`); the grants count from now on.
         """
-        expires = now + self.config.grant_lease
-        for agent in changed:
-            share = shares[agent]
-            message = schemas.allocation(
-                epoch=self.epoch,
-                cloud=share["cloud"],
-                expected_accuracy=share["expected_accuracy"],
-                prices=prices,
-                expires=expires,
-                ts=now,
+        rows = np.flatnonzero(shares.publish).tolist()
+        for row in rows:
+            grant = Grant(
+                self.epoch,
+                shares.amounts(row),
+                shares.ts,
+                float(shares.expires[row]),
             )
-            self.ledger.grant(agent, Grant(self.epoch, share["cloud"], now, expires))
+            self.ledger.grant(shares.agents[row], grant)
+        self._send(shares)
+        self.metrics.allocations_published.inc(len(rows))
 
-            if self.client is not None:
-                self.client.publish(
-                    self.topics.for_agent(agent).allocation,
-                    schemas.dump(Kind.ALLOCATION, message),
-                    qos=1,
-                    retain=True,
-                )
-        summary = schemas.fleet_summary(
-            epoch=self.epoch,
-            alpha=self._alpha(),
-            budget=self.budget or {},
-            prices=prices,
-            agents={
-                agent: {k: v for k, v in share.items() if k in SUMMARY_FIELDS}
-                for agent, share in shares.items()
-            },
-            ts=now,
-        )
-        if self.client is not None:
-            self.client.publish(
-                self.topics.allocations,
-                schemas.dump(Kind.FLEET_SUMMARY, summary, max_bytes=SUMMARY_MAX_BYTES),
-                qos=1,
-                retain=True,
-            )
-        self.metrics.allocations_published.inc(len(changed))
+    def _send(self, outgoing: EpochShares | list[Outgoing]) -> None:
+        """Hand messages to the publisher process (none without a broker)."""
+        if self.publisher is not None:
+            self.publisher.send(outgoing)
 
     def _report(
         self,
@@ -920,12 +990,16 @@ class Controller:
         step: Transition,
     ) -> None:
         cycle_seconds = time.perf_counter() - started
-        mean, worst = float(expected.mean()), float(expected.min())
+        # Unknown (NaN) only for agents a restart has no expectation for.
+        known = expected[~np.isnan(expected)]
+        mean = round(float(known.mean()), 4) if known.size else None
+        worst = round(float(known.min()), 4) if known.size else None
         self.metrics.epoch.set(self.epoch)
         self.metrics.solve_seconds.observe(target.solve_seconds)
         self.metrics.cycle_seconds.observe(cycle_seconds)
-        self.metrics.expected_accuracy.labels(statistic="mean").set(mean)
-        self.metrics.expected_accuracy.labels(statistic="worst").set(worst)
+        if mean is not None and worst is not None:
+            self.metrics.expected_accuracy.labels(statistic="mean").set(mean)
+            self.metrics.expected_accuracy.labels(statistic="worst").set(worst)
         self.metrics.exploration_share.set(target.exploration)
         self.metrics.agents_online.set(len(active))
         self.log.info(
@@ -936,8 +1010,8 @@ class Controller:
             changed=len(changed),
             solve_ms=round(target.solve_seconds * 1000, 2),
             cycle_ms=round(cycle_seconds * 1000, 2),
-            mean_accuracy=round(mean, 4),
-            worst_accuracy=round(worst, 4),
+            mean_accuracy=mean,
+            worst_accuracy=worst,
             exploration=round(target.exploration, 4),
             complete=step.complete,
             waiting_for=len(self.blocking),
@@ -994,9 +1068,11 @@ class Controller:
                     acknowledged_epoch=row.get("last_epoch_acked"),
                 )
 
-        states = self.store.learner_states()
+        self.restored_prices = latest.get("prices", {})
+        states = self.store.learner_state_texts()
         if self._learner is not None:
-            self._learner.restore_agents(states)
+            self._learner.restore_later(states)
+            self.rebuilding = bool(states)
             for agent, info in self.agents.items():
                 if agent not in self._learner:
                     self._learner.add_agent(agent, model=info.model)

@@ -16,10 +16,12 @@ docs/learning.md explains the choices and their measured cost.
 
 from __future__ import annotations
 
+import contextlib
 import gc
-from collections.abc import Iterable, Mapping, Sequence
+import itertools
+import json
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from itertools import chain
 from typing import Any
 
 import numpy as np
@@ -114,6 +116,9 @@ class FleetLearner:
                 f"differ from the fleet's {list(self._resources)}"
             )
         self._agents: dict[str, _Agent] = {}
+        # Saved states (JSON text) of agents not rebuilt yet; see restore_later.
+        self._held: dict[str, str] = {}
+        self.refused: dict[str, str] = {}
         self._pools: dict[str | None, Prior] = {}
         self._updates_since_pool = 0
         self._n_duplicates = 0
@@ -125,7 +130,7 @@ class FleetLearner:
         self, agent: str, *, model: str | None = None, ceiling: float = 1.0
     ) -> UtilityLearner:
         """Start learning ``agent`` from the pooled prior of its ``model``."""
-        if agent in self._agents:
+        if agent in self:
             raise FairsynergyError(f"agent {agent!r} is already in the fleet")
         learner = self._template.clone(
             {"ceiling": ceiling, "prior": self.prior_for(model)}
@@ -136,9 +141,11 @@ class FleetLearner:
     def remove_agent(self, agent: str) -> None:
         """Forget ``agent`` entirely."""
         self._agents.pop(agent, None)
+        self._held.pop(agent, None)
 
     def agent_state(self, agent: str) -> dict[str, Any]:
         """One agent's learning state as plain data (the daemon stores it per row)."""
+        self._rebuild((agent,))
         entry = self._agents[agent]
         return {
             "version": STATE_VERSION,
@@ -161,6 +168,7 @@ class FleetLearner:
                 f"agent {agent!r}: saved learner covers resources "
                 f"{list(learner.resources)}, the fleet {list(self._resources)}"
             )
+        self._held.pop(agent, None)
         self._agents[agent] = _Agent(
             learner, state["model"], tuple(state["local"]), state["seq"]
         )
@@ -175,31 +183,69 @@ class FleetLearner:
         the default detector make no reference cycles to collect). Stops at
         the first state refused; the agents before it stay restored.
         """
-        paused = gc.isenabled()
-        gc.disable()
-        try:
+        with _collector_paused():
             for agent, state in states.items():
                 self.restore_agent(agent, state)
-        finally:
-            if paused:
-                gc.enable()
+
+    def restore_later(self, states: Mapping[str, str]) -> None:
+        """Hold saved states (:meth:`agent_state` as JSON text) to rebuild on use.
+
+        A restart needs a handful of agents at once and the rest within
+        seconds: parsing and rebuilding 10,000 states takes about two. Each
+        held agent counts as in the fleet and is rebuilt the first time it
+        is used (a sample, an estimate, its state); :meth:`restore_held`
+        rebuilds the rest a slice at a time. A state that cannot be rebuilt
+        (corrupt, or of another version) is listed in :attr:`refused` with
+        the reason, and the agent starts again from its model's prior.
+        """
+        for agent in states:
+            self._agents.pop(agent, None)
+        self._held.update(states)
+
+    @property
+    def held(self) -> int:
+        """How many agents wait to be rebuilt from their saved state."""
+        return len(self._held)
+
+    def restore_held(self, limit: int | None = None) -> int:
+        """Rebuild up to ``limit`` held agents (default all); return how many remain."""
+        chosen = list(itertools.islice(self._held, limit))
+        with _collector_paused():
+            self._rebuild(chosen)
+        return len(self._held)
+
+    def _rebuild(self, agents: Iterable[str]) -> None:
+        """Rebuild whichever of ``agents`` are still held."""
+        if not self._held:
+            return
+        for agent in agents:
+            text = self._held.pop(agent, None)
+            if text is None:
+                continue
+            try:
+                self.restore_agent(agent, json.loads(text))
+            except (FairsynergyError, ValueError, TypeError, KeyError) as error:
+                self.refused[agent] = str(error)[:200] or type(error).__name__
+                self.add_agent(agent)
 
     def __contains__(self, agent: object) -> bool:
-        return agent in self._agents
+        return agent in self._agents or agent in self._held
 
     def __len__(self) -> int:
-        return len(self._agents)
+        return len(self._agents) + len(self._held)
 
     def __getitem__(self, agent: str) -> UtilityLearner:
+        self._rebuild((agent,))
         return self._agents[agent].learner
 
     @property
     def agents(self) -> tuple[str, ...]:
-        """Agent ids, in the order they joined."""
-        return tuple(self._agents)
+        """Agent ids, in the order they joined (held ones last)."""
+        return (*self._agents, *self._held)
 
     def model(self, agent: str) -> str | None:
         """The model label ``agent`` last reported."""
+        self._rebuild((agent,))
         return self._agents[agent].model
 
     # --------------------------------------------------------------- learning
@@ -222,6 +268,7 @@ class FleetLearner:
         first sample; a changed ``model`` label restarts it from that model's
         pooled prior, since a new model is a new curve.
         """
+        self._rebuild((agent,))
         entry = self._agents.get(agent)
         if entry is not None and seq is not None and entry.seq is not None:
             if seq == entry.seq:
@@ -281,7 +328,7 @@ class FleetLearner:
         refreshed at most about once per round (once per ``len(fleet)``
         updates), so the cost stays O(1) per sample.
         """
-        if self._updates_since_pool >= max(1, len(self._agents)):
+        if self._updates_since_pool >= max(1, len(self)):
             self._pools = self._compute_pools()
             self._updates_since_pool = 0
         if model is not None and model in self._pools:
@@ -294,6 +341,7 @@ class FleetLearner:
         self._updates_since_pool = 0
 
     def _compute_pools(self) -> dict[str | None, Prior]:
+        self.restore_held()
         groups: dict[str | None, list[UtilityLearner]] = {None: []}
         for entry in self._agents.values():
             if entry.learner.n_samples < self.pool_min_samples:
@@ -346,7 +394,7 @@ class FleetLearner:
         Draws one row of ``R + 1`` standard normals per agent from ``rng``
         and hands them to :meth:`sample_from`.
         """
-        chosen = tuple(self._agents) if agents is None else tuple(agents)
+        chosen = self.agents if agents is None else tuple(agents)
         normals = rng.standard_normal((len(chosen), len(self._resources) + 1))
         return self.sample_from(normals, chosen)
 
@@ -406,7 +454,8 @@ class FleetLearner:
     def _choose(
         self, agents: Iterable[str] | None
     ) -> tuple[tuple[str, ...], list[UtilityLearner]]:
-        chosen = tuple(self._agents) if agents is None else tuple(agents)
+        chosen = self.agents if agents is None else tuple(agents)
+        self._rebuild(chosen)
         entries = self._agents
         try:
             learners = [entries[a].learner for a in chosen]
@@ -457,7 +506,7 @@ class FleetLearner:
             "pool_min_samples": self.pool_min_samples,
             "template": self._template.to_state(),
             "agents": [
-                {"agent": agent, **self.agent_state(agent)} for agent in self._agents
+                {"agent": agent, **self.agent_state(agent)} for agent in self.agents
             ],
             "pools": [
                 {"model": label, "prior": prior.to_state()}
@@ -492,12 +541,26 @@ class FleetLearner:
         return fleet
 
 
+@contextlib.contextmanager
+def _collector_paused() -> Iterator[None]:
+    """Pause the cyclic garbage collector while many learners are rebuilt."""
+    paused = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if paused:
+            gc.enable()
+
+
 def _stack(rows: Sequence[Sequence[float]], width: int) -> np.ndarray:
     """Rows of ``width`` floats as an ``(N, width)`` array.
 
     Faster than ``np.array`` on a list of lists, which inspects every row.
     """
-    flat = np.fromiter(chain.from_iterable(rows), dtype=float, count=len(rows) * width)
+    flat = np.fromiter(
+        itertools.chain.from_iterable(rows), dtype=float, count=len(rows) * width
+    )
     return flat.reshape(len(rows), width)
 
 

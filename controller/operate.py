@@ -28,10 +28,11 @@ from controller.broker import (
     publish,
 )
 from controller.config import ControllerConfig, load_config
-from controller.daemon import SUMMARY_MAX_BYTES, Controller
+from controller.daemon import Controller
 from controller.errors import FairsynergyError
 from controller.logs import configure_logging
 from controller.metrics import ControllerMetrics
+from controller.publisher import SUMMARY_MAX_BYTES
 from controller.store import Retention, Store
 from schemas import ContractError, Kind, Topics
 

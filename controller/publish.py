@@ -53,14 +53,36 @@ class Grant:
 
 @dataclass
 class AgentGrants:
-    """The grants one agent may still be using, oldest first."""
+    """The grants one agent may still be using, oldest first.
+
+    ``most`` is the largest amount of each resource over those grants, kept
+    up to date by :meth:`add` and :meth:`keep`: it is read for every agent
+    in every cycle, and grants change far less often.
+    """
 
     grants: list[Grant] = field(default_factory=list)
     acknowledged_epoch: int | None = None
+    most: dict[str, float] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.keep(self.grants)
 
     @property
     def latest(self) -> Grant | None:
         return self.grants[-1] if self.grants else None
+
+    def add(self, grant: Grant) -> None:
+        self.grants.append(grant)
+        for resource, amount in grant.cloud.items():
+            self.most[resource] = max(self.most.get(resource, 0.0), amount)
+
+    def keep(self, grants: list[Grant]) -> None:
+        """Hold only ``grants`` from now on."""
+        self.grants = grants
+        self.most = {}
+        for grant in grants:
+            for resource, amount in grant.cloud.items():
+                self.most[resource] = max(self.most.get(resource, 0.0), amount)
 
 
 class GrantLedger:
@@ -85,7 +107,7 @@ class GrantLedger:
 
     def grant(self, agent: str, grant: Grant) -> None:
         """Record that ``grant`` was published to ``agent``."""
-        self._agents.setdefault(agent, AgentGrants()).grants.append(grant)
+        self._agents.setdefault(agent, AgentGrants()).add(grant)
 
     def restore(
         self,
@@ -118,7 +140,8 @@ class GrantLedger:
             entry.acknowledged_epoch = epoch
         kept = [g for g in entry.grants if g.epoch >= epoch] or entry.grants[-1:]
         released = len(kept) < len(entry.grants)
-        entry.grants = kept
+        if released:
+            entry.keep(kept)
         return released
 
     def expire(self, now: float) -> bool:
@@ -128,7 +151,7 @@ class GrantLedger:
             live = [g for g in entry.grants if g.expires > now]
             if len(live) < len(entry.grants):
                 released = True
-                entry.grants = live
+                entry.keep(live)
             if not live:
                 del self._agents[agent]
         return released
@@ -148,21 +171,16 @@ class GrantLedger:
     def held_by(self, agent: str) -> dict[str, float]:
         """The most of each resource ``agent`` may be using (absent means 0)."""
         entry = self._agents.get(agent)
-        most: dict[str, float] = {}
-        for grant in entry.grants if entry else ():
-            for resource, amount in grant.cloud.items():
-                most[resource] = max(most.get(resource, 0.0), amount)
-        return most
+        return dict(entry.most) if entry else {}
 
     def held(self, agents: Sequence[str], resources: Sequence[str]) -> FloatArray:
         """Per agent and resource, the most it may be using: the max of its grants."""
+        nothing: dict[str, float] = {}
         rows = []
         for agent in agents:
             entry = self._agents.get(agent)
-            grants = entry.grants if entry else []
-            rows.append(
-                [max([0.0, *(g.cloud.get(r, 0.0) for g in grants)]) for r in resources]
-            )
+            most = entry.most if entry else nothing
+            rows.append([max(most.get(r, 0.0), 0.0) for r in resources])
         return _matrix(rows, len(resources))
 
     def current(self, agents: Sequence[str], resources: Sequence[str]) -> FloatArray:

@@ -9,16 +9,14 @@ in about half of a 5,000 reports/s stream while using two thirds of a core
 it receives crosses a pipe as one pickled list per few milliseconds, which
 the daemon unpacks in one go.
 
-The receiver is a child of the daemon (``spawn``, so it shares no threads or
-locks with it). It subscribes with its own client id (a session of its own
-next to the daemon's), exits when the daemon closes the pipe or dies, and is
-otherwise stateless: everything it knows arrives with each message.
+The receiver is a child of the daemon (see :mod:`controller._child`). It
+subscribes with its own client id (a session of its own next to the
+daemon's) and is otherwise stateless: everything it knows arrives with each
+message.
 """
 
 from __future__ import annotations
 
-import multiprocessing
-import os
 import threading
 import time
 from collections.abc import Sequence
@@ -27,6 +25,7 @@ from multiprocessing.connection import Connection
 import paho.mqtt.client as paho
 from paho.mqtt.reasoncodes import ReasonCode
 
+from controller._child import PARENT_CHECK_S, Child, parent_gone, report_start
 from controller.broker import BrokerOptions, connect, make_client
 
 # A batch is sent when it holds this many messages or is this old.
@@ -35,14 +34,11 @@ BATCH_AGE_S = 0.002
 # Most messages held in the receiver while the daemon is busy; paho then
 # stops reading, and the broker applies its own queue limit.
 BACKLOG_LIMIT = 50_000
-# How often the receiver checks that the daemon still exists.
-PARENT_CHECK_S = 0.5
-START_TIMEOUT_S = 30.0
 
 Message = tuple[str, bytes, float]
 
 
-class Receiver:
+class Receiver(Child):
     """The daemon's end: start the child, then read its batches."""
 
     def __init__(
@@ -51,41 +47,18 @@ class Receiver:
         client_id: str,
         subscriptions: Sequence[tuple[str, int]],
     ) -> None:
-        context = multiprocessing.get_context("spawn")
-        self._conn, child_conn = context.Pipe(duplex=False)
-        self.process = context.Process(
-            target=receive_main,
-            args=(broker, client_id, list(subscriptions), child_conn, os.getpid()),
-            name="fairsynergy-receiver",
-            daemon=True,
-        )
-        self.process.start()
-        child_conn.close()
-
-    def wait_ready(self, timeout: float = START_TIMEOUT_S) -> None:
-        """Block until the child is connected and subscribed, or raise its error."""
-        if not self._conn.poll(timeout):
-            raise RuntimeError(f"the telemetry receiver did not start in {timeout} s")
-        first = self._conn.recv()
-        if isinstance(first, BaseException):
-            raise first
+        args = (broker, client_id, list(subscriptions))
+        super().__init__(receive_main, args, "telemetry receiver")
 
     def receive(self) -> list[Message]:
-        """The next batch; raises EOFError once the child has gone."""
-        batch: list[Message] = self._conn.recv()
-        return batch
+        """The next batch; raises EOFError once the child has gone.
 
-    def close(self) -> None:
-        """Stop the child.
-
-        It notices the closed pipe at its next batch, or is terminated: it
-        holds nothing that needs saving.
+        Closing (:meth:`Child.close`) needs no handshake: the child notices
+        the closed pipe at its next batch, or is terminated, and holds
+        nothing that needs saving.
         """
-        self._conn.close()
-        self.process.join(timeout=0.5)
-        if self.process.is_alive():
-            self.process.terminate()
-            self.process.join(timeout=2.0)
+        batch: list[Message] = self.conn.recv()
+        return batch
 
 
 def receive_main(
@@ -114,15 +87,16 @@ def receive_main(
             for topic, qos in subscriptions:
                 client.subscribe(topic, qos=qos)
 
-    try:
+    def start() -> paho.Client:
         client = make_client(broker, client_id)
         client.on_message = on_message
         client.on_connect = on_connect
         connect(client)
-    except Exception as error:
-        conn.send(error)
+        return client
+
+    client = report_start(conn, start)
+    if client is None:
         return
-    conn.send("ready")
     try:
         _forward(conn, pending, ready, parent)
     finally:
@@ -152,5 +126,5 @@ def _forward(
         now = time.monotonic()
         if now - checked_at >= PARENT_CHECK_S:
             checked_at = now
-            if os.getppid() != parent:
+            if parent_gone(parent):
                 return

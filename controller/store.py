@@ -453,12 +453,22 @@ class Store:
 
     def learner_states(self) -> dict[str, dict[str, Any]]:
         """Every agent's committed learner state."""
-        # The restart path: plain tuples, since decoding the JSON is the cost.
+        return {
+            agent: json.loads(state)
+            for agent, state in self.learner_state_texts().items()
+        }
+
+    def learner_state_texts(self) -> dict[str, str]:
+        """Every agent's committed learner state, as the JSON text stored.
+
+        The restart path: parsing is most of the cost, so the daemon leaves
+        it to the learner, which parses each state when it needs it.
+        """
         self._check_open()
         with self._sqlite_errors("read learner states"):
             cursor = self._db().execute("SELECT agent, state FROM learner_state")
-            rows = cursor.fetchall()
-        return {agent: json.loads(state) for agent, state in rows}
+            rows: list[tuple[str, str]] = cursor.fetchall()
+        return dict(rows)
 
     def learner_state(self, agent: str) -> dict[str, Any] | None:
         """One agent's committed learner state, or None."""

@@ -20,6 +20,8 @@ import schemas
 from controller.broker import BrokerOptions
 from controller.config import ControllerConfig
 from controller.daemon import BATCH, Controller, Triggers
+from controller.errors import FairsynergyError
+from controller.publisher import Publisher
 from controller.store import Store
 from schemas import Kind, Topics
 
@@ -207,3 +209,55 @@ def test_controller_spaces_cycles_by_their_cost_unless_urgent(controller, clock)
     assert after_fit == first
     assert controller.epoch > first
     assert not controller.triggers.reasons  # the budget's cycle took the fit along
+
+
+def test_sweep_stops_the_daemon_once_the_publisher_has_gone(controller, clock, broker):
+    """A controller whose publisher process died refuses to go on granting."""
+    url = f"mqtt://127.0.0.1:{broker.port}"
+    broker.stop()
+    controller.publisher = Publisher(BrokerOptions(url), "test-publisher", "lab")
+    controller.publisher.process.join(10)  # it cannot connect, so it exits
+
+    with pytest.raises(FairsynergyError, match="publisher process stopped"):
+        controller.sweep(clock.now)
+    controller.publisher.close()
+
+
+def test_restart_republishes_the_record_before_rebuilding_learners(
+    controller, clock, tmp_path
+):
+    """A restart's first epoch needs no learner; they are rebuilt, then solved."""
+    controller.receive(TOPICS.budget, budget_payload(BUDGET), clock.now)
+    agents = [f"a{i}" for i in range(8)]
+    for agent in agents:
+        topic = TOPICS.for_agent(agent).telemetry
+        controller.receive(topic, report(agent, 1, 0.5, clock), clock.now)
+    controller.cycle("join", clock.now)
+    controller.save_learners()
+    controller.store.close()
+    store = Store(tmp_path / "state.db", fleet=FLEET, clock=clock)
+    restarted = Controller(
+        FLEET,
+        store,
+        BrokerOptions("mqtt://127.0.0.1:1"),
+        controller.config,
+        logger=structlog.get_logger(),
+        clock=clock,
+        seed=7,
+    )
+
+    restarted.restore()
+    with capture_logs() as logs:
+        restarted.cycle("restart", clock.now)
+    held_after_restart = restarted.learner.held
+    restarted.housekeeping(clock.now)
+    store.close()
+
+    cycles = [entry for entry in logs if entry["event"] == "allocation_cycle"]
+    assert held_after_restart == len(agents)
+    assert [(c["trigger"], c["epoch"], c["solve_ms"]) for c in cycles] == [
+        ("restart", controller.epoch + 1, 0.0)
+    ]
+    assert cycles[0]["mean_accuracy"] is not None
+    assert "restored" in restarted.triggers.reasons
+    assert restarted.learner.held == 0

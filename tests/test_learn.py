@@ -776,6 +776,43 @@ def test_learn_restore_agents_equals_one_by_one():
     assert batch.agent_state("a3") == fleet.agent_state("a3")
 
 
+def test_learn_held_states_rebuild_on_use_and_in_slices():
+    """Held states count as agents, rebuild when used, and equal eager restores."""
+    fleet = trained_fleet(63)
+    texts = {a: json.dumps(fleet.agent_state(a)) for a in fleet.agents}
+    lazy = FleetLearner(RESOURCES)
+
+    lazy.restore_later(texts)
+    held_at_start = (lazy.held, len(lazy), "a3" in lazy)
+    lazy.learn_one("a3", {"compute": 0.1, "data": 0.1}, {}, 0.5, seq=10**6)
+    after_use = lazy.held
+    remaining = lazy.restore_held(2)
+
+    assert held_at_start == (len(texts), len(texts), True)
+    assert after_use == len(texts) - 1
+    assert remaining == len(texts) - 3
+    assert lazy.restore_held() == 0
+    assert lazy.agent_state("a1") == fleet.agent_state("a1")
+    assert lazy.estimates(["a2"]).scale[0] == fleet.estimates(["a2"]).scale[0]
+
+
+def test_learn_unreadable_held_state_is_refused_and_agent_relearns():
+    """A corrupt or foreign saved state is reported, and the agent starts afresh."""
+    fleet = trained_fleet(64, agents=3)
+    texts = {a: json.dumps(fleet.agent_state(a)) for a in fleet.agents}
+    texts["a0"] = texts["a0"][:40]
+    texts["a1"] = texts["a1"].replace('"version": 1', '"version": 99', 1)
+    lazy = FleetLearner(RESOURCES)
+    lazy.restore_later(texts)
+
+    lazy.restore_held()
+
+    assert sorted(lazy.refused) == ["a0", "a1"]
+    assert "version 99" in lazy.refused["a1"]
+    assert lazy["a0"].n_samples == 0
+    assert lazy.agent_state("a2") == fleet.agent_state("a2")
+
+
 def test_learn_clone_matches_river_clone():
     """The fast clone builds the learner river's generic clone would."""
     template = UtilityLearner(RESOURCES, ceiling=0.9, forgetting=0.98, replay=4)

@@ -172,3 +172,31 @@ def test_ledger_restore_keeps_counting_what_was_held():
     assert ledger.held(["a"], ["compute"])[0, 0] == 3.0
     ledger.acknowledge("a", 4)
     assert ledger.held(["a"], ["compute"])[0, 0] == 1.0
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(0, 2**32 - 1))
+def test_ledger_held_is_the_largest_live_grant_after_any_history(seed):
+    """Test held() equals the max over each agent's kept grants, whatever happened."""
+    rng = np.random.default_rng(seed)
+    ledger, agents, resources = GrantLedger(), ["a", "b", "c"], ["compute", "data"]
+    for epoch in range(1, 30):
+        agent = agents[rng.integers(3)]
+        action = rng.integers(3)
+        if action == 0:
+            cloud = {r: float(rng.uniform(0, 2)) for r in resources[: rng.integers(3)]}
+            ledger.grant(agent, Grant(epoch, cloud, epoch, epoch + rng.uniform(1, 20)))
+        elif action == 1:
+            ledger.acknowledge(agent, int(rng.integers(1, epoch + 1)))
+        else:
+            ledger.expire(float(epoch))
+
+    held = ledger.held(agents, resources)
+
+    for row, agent in enumerate(agents):
+        entry = ledger._agents.get(agent)
+        grants = entry.grants if entry else []
+        expected = [
+            max([0.0, *(g.cloud.get(r, 0.0) for g in grants)]) for r in resources
+        ]
+        assert held[row].tolist() == expected

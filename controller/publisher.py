@@ -1,0 +1,226 @@
+"""Allocations go out through a process of their own.
+
+Why a process: paho spends about 110 µs of interpreter time per QoS 1
+message (building the packet, then reading the broker's PUBACK back), so an
+epoch for 10,000 agents is about a second of paho work. In the daemon's
+process that work waited on the loop thread for the interpreter lock at every
+socket operation, and a new epoch took 10 s or more to reach the whole fleet
+while telemetry was coming in (``bench/bench_controller.py``). Here paho has
+an interpreter to itself and publishes while the loop goes on.
+
+The loop hands over each epoch as :class:`EpochShares`, a few arrays that
+cross the pipe in one cheap pickle; the child builds, checks and serialises
+the changed agents' allocation messages and the fleet summary from them and
+publishes them at QoS 1 (retained), in the order received. Anything else
+(the empty payload that clears a departed agent's allocation) is handed over
+as ready ``(topic, payload, retain)`` tuples. Everything for one agent's
+allocation topic goes through this one session, so the broker keeps it in
+order.
+
+The publisher is a child of the daemon (see :mod:`controller._child`), with a
+session of its own (its own client id): what is queued while the broker is
+away is sent when it is back, like any persistent session's. Nothing bounds
+that queue, as paho's default; the grants it holds are already counted by
+the daemon's ledger, so a late one can never over-commit the pool.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import paho.mqtt.client as paho
+
+import schemas
+from controller._child import PARENT_CHECK_S, Child, parent_gone, report_start
+from controller.broker import BrokerOptions, connect, make_client
+from controller.errors import FairsynergyError
+from schemas import Kind, Topics
+
+# How long closing waits for the broker to acknowledge what is still queued.
+DRAIN_TIMEOUT_S = 2.0
+
+# The fleet summary lists every agent (about 100 bytes each), so it may exceed
+# the 64 KiB limit of device messages; see deploy/mosquitto/mosquitto.conf.
+SUMMARY_MAX_BYTES = 16 * 1024 * 1024
+
+Outgoing = tuple[str, bytes, bool]
+"""One message to publish: topic, payload, and whether the broker retains it."""
+
+FloatArray = npt.NDArray[np.float64]
+
+
+@dataclass(frozen=True)
+class EpochShares:
+    """One epoch, every agent's share of it, as the record and the summary list.
+
+    Row ``i`` of each array is ``agents[i]``. ``away`` marks agents offline
+    whose grant has not expired yet; an expected accuracy is NaN where it is
+    unknown (always for agents away). ``publish`` marks the agents whose
+    allocation goes out in this epoch; the others keep the grant of
+    ``epochs[i]``.
+    """
+
+    epoch: int
+    ts: float
+    alpha: float
+    budget: dict[str, float]
+    prices: dict[str, float]
+    resources: tuple[str, ...]
+    agents: list[str]
+    cloud: FloatArray  # (N, R)
+    held: FloatArray  # (N, R): the most each agent may be using
+    expected: FloatArray  # (N,)
+    epochs: npt.NDArray[np.int64]  # (N,)
+    published_at: FloatArray  # (N,)
+    expires: FloatArray  # (N,)
+    publish: npt.NDArray[np.bool_]  # (N,)
+    away: npt.NDArray[np.bool_]  # (N,)
+
+    def amounts(self, row: int, values: FloatArray | None = None) -> dict[str, float]:
+        """Row ``row`` of ``values`` (``cloud`` by default), by resource."""
+        source = self.cloud if values is None else values
+        return dict(zip(self.resources, source[row].tolist(), strict=True))
+
+    def allocations(self, topics: Topics) -> Iterator[Outgoing]:
+        """The allocation message of every agent marked to publish, one by one."""
+        prices = self.prices
+        for row in np.flatnonzero(self.publish).tolist():
+            expected = float(self.expected[row])
+            message = schemas.allocation(
+                epoch=self.epoch,
+                cloud=self.amounts(row),
+                expected_accuracy=None if math.isnan(expected) else expected,
+                prices=prices,
+                expires=float(self.expires[row]),
+                ts=self.ts,
+            )
+            topic = topics.for_agent(self.agents[row]).allocation
+            yield (topic, schemas.dump(Kind.ALLOCATION, message), True)
+
+    def summary(self, topics: Topics) -> Outgoing:
+        """The fleet summary: every agent's cloud, expected accuracy and lease."""
+        columns = (
+            self.cloud.tolist(),
+            self.expected.tolist(),
+            self.epochs.tolist(),
+            self.expires.tolist(),
+        )
+        agents: dict[str, dict[str, Any]] = {}
+        for agent, cloud, expected, epoch, expires in zip(
+            self.agents, *columns, strict=True
+        ):
+            share = {
+                "cloud": dict(zip(self.resources, cloud, strict=True)),
+                "epoch": epoch,
+                "expires": expires,
+            }
+            if not math.isnan(expected):
+                share["expected_accuracy"] = expected
+            agents[agent] = share
+        message = schemas.fleet_summary(
+            epoch=self.epoch,
+            alpha=self.alpha,
+            budget=self.budget,
+            prices=self.prices,
+            agents=agents,
+            ts=self.ts,
+        )
+        payload = schemas.dump(Kind.FLEET_SUMMARY, message, max_bytes=SUMMARY_MAX_BYTES)
+        return (topics.allocations, payload, True)
+
+
+class PublisherGoneError(FairsynergyError):
+    """The publisher process has stopped; the daemon cannot publish any more."""
+
+
+class Publisher(Child):
+    """The daemon's end: hand over epochs and messages, in order, to be published."""
+
+    def __init__(self, broker: BrokerOptions, client_id: str, fleet: str) -> None:
+        args = (broker, client_id, fleet)
+        super().__init__(publish_main, args, "allocation publisher")
+
+    def send(self, messages: EpochShares | list[Outgoing]) -> None:
+        """Queue an epoch's messages, or ready ones, for publishing; returns at once.
+
+        Raises:
+            PublisherGoneError: the child process has stopped.
+        """
+        try:
+            self.conn.send(messages)
+        except (BrokenPipeError, EOFError, OSError):
+            raise PublisherGoneError(
+                "the allocation publisher process stopped"
+            ) from None
+
+    def alive(self) -> bool:
+        return self.process.is_alive()
+
+    def close(self, timeout: float = DRAIN_TIMEOUT_S) -> None:
+        """Publish what is queued (waiting at most ``timeout`` s), then stop."""
+        with contextlib.suppress(BrokenPipeError, EOFError, OSError):
+            self.conn.send(None)  # fails only if the child has gone already
+        super().close(timeout + 0.5)
+
+
+def publish_main(
+    broker: BrokerOptions, client_id: str, fleet: str, conn: Connection, parent: int
+) -> None:
+    """The child's body: publish what arrives until told to stop or orphaned."""
+    topics = Topics(fleet)
+
+    def start() -> paho.Client:
+        client = make_client(broker, client_id)
+        connect(client)
+        return client
+
+    client = report_start(conn, start)
+    if client is None:
+        return
+    last: paho.MQTTMessageInfo | None = None
+    try:
+        while True:
+            batch = _next(conn, parent)
+            if batch is None:
+                break
+            if isinstance(batch, EpochShares):
+                # Each grant goes out as soon as it is built; the summary last.
+                for topic, payload, retain in batch.allocations(topics):
+                    last = client.publish(topic, payload, qos=1, retain=retain)
+                batch = [batch.summary(topics)]
+            for topic, payload, retain in batch:
+                last = client.publish(topic, payload, qos=1, retain=retain)
+        _drain(last)
+    finally:
+        client.disconnect()
+        client.loop_stop()
+
+
+def _next(conn: Connection, parent: int) -> EpochShares | list[Outgoing] | None:
+    """The next list to publish; None to stop (asked, or the daemon is gone)."""
+    while not conn.poll(PARENT_CHECK_S):
+        if parent_gone(parent):
+            return None
+    try:
+        batch: EpochShares | list[Outgoing] | None = conn.recv()
+    except (EOFError, OSError):
+        return None
+    return batch
+
+
+def _drain(last: paho.MQTTMessageInfo | None) -> None:
+    """Wait until the broker acknowledged the last message (QoS 1 keeps order)."""
+    if last is None:
+        return
+    # Not connected (paho raises): what it still holds is lost with this
+    # process. The ledger counted those grants, so the pool stays safe; the
+    # next daemon renews each grant before its lease runs out.
+    with contextlib.suppress(RuntimeError, ValueError):
+        last.wait_for_publish(DRAIN_TIMEOUT_S)

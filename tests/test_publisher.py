@@ -1,0 +1,174 @@
+"""The allocation publisher: a child process that publishes what the daemon hands it."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+import paho.mqtt.client as paho
+import pytest
+from paho.mqtt.enums import CallbackAPIVersion
+
+import schemas
+from controller.broker import BrokerError, BrokerOptions
+from controller.publisher import EpochShares, Publisher, PublisherGoneError
+from schemas import Kind
+
+TOPIC = "fairsynergy/lab/agents/{}/allocation"
+
+
+class Listener:
+    """A subscriber that keeps every message it receives, with its retain flag."""
+
+    def __init__(self, host: str, port: int, topic: str) -> None:
+        self.received: list[tuple[str, bytes, bool]] = []
+        self.subscribed = threading.Event()
+        self.client = paho.Client(CallbackAPIVersion.VERSION2)
+        self.client.on_message = self._on_message
+        self.client.on_subscribe = lambda *_: self.subscribed.set()
+        self.client.connect(host, port)
+        self.client.loop_start()
+        self.client.subscribe(topic, qos=1)
+        assert self.subscribed.wait(5)
+
+    def _on_message(self, _c: object, _u: object, message: paho.MQTTMessage) -> None:
+        self.received.append((message.topic, bytes(message.payload), message.retain))
+
+    def wait_for(self, count: int, timeout: float = 10.0) -> None:
+        deadline = time.monotonic() + timeout
+        while len(self.received) < count and time.monotonic() < deadline:
+            time.sleep(0.01)
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+def test_publisher_publishes_every_message_in_order(broker):
+    """Each message handed over reaches a subscriber once, in order."""
+    listener = Listener(broker.host, broker.port, TOPIC.format("+"))
+    publisher = Publisher(BrokerOptions(broker.url), "test-publisher", "lab")
+    try:
+        publisher.wait_ready()
+        for start in range(0, 2000, 500):
+            publisher.send(
+                [
+                    (TOPIC.format(f"a{i % 7}"), str(i).encode(), True)
+                    for i in range(start, start + 500)
+                ]
+            )
+        listener.wait_for(2000)
+    finally:
+        publisher.close()
+        listener.close()
+
+    assert [int(payload) for _, payload, _ in listener.received] == list(range(2000))
+    assert listener.received[8][0] == TOPIC.format("a1")
+
+
+def test_publisher_keeps_retained_messages_and_their_clearing(broker):
+    """The last retained message per topic stays; an empty payload clears it."""
+    publisher = Publisher(BrokerOptions(broker.url), "test-publisher", "lab")
+    publisher.wait_ready()
+    publisher.send(
+        [(TOPIC.format("a1"), b"old", True), (TOPIC.format("a2"), b"two", True)]
+    )
+    publisher.send(
+        [(TOPIC.format("a1"), b"new", True), (TOPIC.format("a2"), b"", True)]
+    )
+
+    publisher.close()
+    late = Listener(broker.host, broker.port, TOPIC.format("+"))
+    late.wait_for(1, timeout=2.0)
+    time.sleep(0.2)  # a cleared topic would have arrived with the other
+    late.close()
+
+    assert late.received == [(TOPIC.format("a1"), b"new", True)]
+
+
+def test_publisher_close_waits_for_what_is_queued(broker):
+    """Closing right after a large hand-over still gets every message out."""
+    listener = Listener(broker.host, broker.port, TOPIC.format("+"))
+    publisher = Publisher(BrokerOptions(broker.url), "test-publisher", "lab")
+    publisher.wait_ready()
+
+    publisher.send([(TOPIC.format(f"a{i}"), b"x", False) for i in range(3000)])
+    publisher.close()
+    listener.wait_for(3000)
+    listener.close()
+
+    assert len(listener.received) == 3000
+    assert not publisher.process.is_alive()
+
+
+def test_publisher_reports_a_broker_it_cannot_reach(broker):
+    """A wrong address surfaces as the broker error, and sending then fails."""
+    url = f"mqtt://127.0.0.1:{broker.port}"
+    broker.stop()
+    publisher = Publisher(BrokerOptions(url), "test-publisher", "lab")
+    try:
+        with pytest.raises(BrokerError, match="cannot reach the broker"):
+            publisher.wait_ready()
+        publisher.process.join(5)
+        with pytest.raises(PublisherGoneError):
+            publisher.send([(TOPIC.format("a1"), b"x", True)])
+    finally:
+        publisher.close()
+
+    assert not publisher.alive()
+
+
+def epoch_shares() -> EpochShares:
+    """Four agents: two granted anew, one keeping an older grant, one away."""
+    return EpochShares(
+        epoch=5,
+        ts=100.0,
+        alpha=1.0,
+        budget={"compute": 4.0, "data": 2.0},
+        prices={"compute": 0.25, "data": 0.5},
+        resources=("compute", "data"),
+        agents=["a1", "a2", "a3", "gone"],
+        cloud=np.array([[1.0, 0.5], [2.0, 0.0], [0.5, 1.0], [0.25, 0.25]]),
+        held=np.array([[1.0, 0.5], [2.0, 0.5], [0.5, 1.0], [0.25, 0.25]]),
+        expected=np.array([0.7, 0.8, 0.6, np.nan]),
+        epochs=np.array([5, 5, 4, 3]),
+        published_at=np.array([100.0, 100.0, 90.0, 80.0]),
+        expires=np.array([160.0, 160.0, 150.0, 140.0]),
+        publish=np.array([True, True, False, False]),
+        away=np.array([False, False, False, True]),
+    )
+
+
+def test_publisher_sends_an_epoch_as_allocations_then_summary(broker):
+    """An epoch goes out as a checked allocation per changed agent, then the summary."""
+    listener = Listener(broker.host, broker.port, "fairsynergy/lab/#")
+    publisher = Publisher(BrokerOptions(broker.url), "test-publisher", "lab")
+    publisher.wait_ready()
+
+    publisher.send(epoch_shares())
+    listener.wait_for(3)
+    publisher.close()
+    listener.close()
+
+    topics = [topic for topic, _, _ in listener.received]
+    assert topics == [
+        "fairsynergy/lab/agents/a1/allocation",
+        "fairsynergy/lab/agents/a2/allocation",
+        "fairsynergy/lab/allocations",
+    ]
+    first = schemas.decode(Kind.ALLOCATION, listener.received[0][1])
+    assert first["cloud"] == {"compute": 1.0, "data": 0.5}
+    assert (first["epoch"], first["expires"], first["expected_accuracy"]) == (
+        5,
+        160.0,
+        0.7,
+    )
+    summary = schemas.decode(Kind.FLEET_SUMMARY, listener.received[2][1])
+    assert summary["agents"]["a3"] == {
+        "cloud": {"compute": 0.5, "data": 1.0},
+        "expected_accuracy": 0.6,
+        "epoch": 4,
+        "expires": 150.0,
+    }
+    assert "expected_accuracy" not in summary["agents"]["gone"]
