@@ -317,7 +317,7 @@ class Controller:
         while True:
             try:
                 batch = self.receiver.receive()
-            except (EOFError, OSError):
+            except EOFError:
                 self.inbox.put(_RECEIVER_GONE)
                 return
             self.inbox.put(batch)
@@ -551,9 +551,12 @@ class Controller:
         return info
 
     def on_budget(self, budget: Budget, now: float) -> None:
-        same = budget.resources == self.budget and budget.alpha == self.alpha
-        if same:
-            return  # the retained budget, read again on (re)connect
+        # The store keeps the alpha in force (the default when a budget names
+        # none), so compare that: the retained budget is read again on every
+        # (re)connect and after a restart, and is no change then.
+        alpha = self.config.alpha if budget.alpha is None else budget.alpha
+        if budget.resources == self.budget and alpha == self._alpha():
+            return
         self._set_budget(budget)
         self.store.record_budget(self.budget or {}, self._alpha())
         self.triggers.add("budget", now)
@@ -731,7 +734,7 @@ class Controller:
             self.fit_deferred = True
             reasons.discard("fit")
         continuing = reasons <= {"ack", "expiry"}
-        if reasons == {"restart"} and self.learner.held:
+        if self.learner.held and not reasons & {"budget", "join", "leave"}:
             target = self._recorded_target(active)
         elif target is None or target.agents != tuple(active) or not continuing:
             target = self._solve(active, budget)

@@ -51,13 +51,19 @@ class Receiver(Child):
         super().__init__(receive_main, args, "telemetry receiver")
 
     def receive(self) -> list[Message]:
-        """The next batch; raises EOFError once the child has gone.
+        """The next batch; raises EOFError once the child has gone or is closed.
 
         Closing (:meth:`Child.close`) needs no handshake: the child notices
         the closed pipe at its next batch, or is terminated, and holds
-        nothing that needs saving.
+        nothing that needs saving. A thread blocked here while the daemon
+        closes the pipe gets EOFError too.
         """
-        batch: list[Message] = self.conn.recv()
+        try:
+            batch: list[Message] = self.conn.recv()
+        except (OSError, TypeError, ValueError):
+            # multiprocessing's reads fail in these ways on a pipe closed
+            # under them; anything else on a pipe is an OSError.
+            raise EOFError("the telemetry receiver's pipe is closed") from None
         return batch
 
 

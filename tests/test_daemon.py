@@ -247,8 +247,10 @@ def test_restart_republishes_the_record_before_rebuilding_learners(
     )
 
     restarted.restore()
+    restarted.receive(TOPICS.budget, budget_payload(BUDGET), clock.now)  # retained
+    restarted.triggers.add("fit", clock.now)
     with capture_logs() as logs:
-        restarted.cycle("restart", clock.now)
+        restarted.cycle(restarted.triggers.take() + ",restart", clock.now)
     held_after_restart = restarted.learner.held
     restarted.housekeeping(clock.now)
     store.close()
@@ -256,7 +258,7 @@ def test_restart_republishes_the_record_before_rebuilding_learners(
     cycles = [entry for entry in logs if entry["event"] == "allocation_cycle"]
     assert held_after_restart == len(agents)
     assert [(c["trigger"], c["epoch"], c["solve_ms"]) for c in cycles] == [
-        ("restart", controller.epoch + 1, 0.0)
+        ("fit,restart", controller.epoch + 1, 0.0)
     ]
     assert cycles[0]["mean_accuracy"] is not None
     assert "restored" in restarted.triggers.reasons

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 
 import paho.mqtt.client as paho
@@ -68,3 +69,24 @@ def test_receiver_reports_a_broker_it_cannot_reach(broker):
             receiver.wait_ready()
     finally:
         receiver.close()
+
+
+def test_receiver_closed_under_a_waiting_reader_reads_as_the_end(broker):
+    """A thread blocked in receive() gets EOFError when the daemon closes the pipe."""
+    receiver = Receiver(BrokerOptions(broker.url), "test-receiver", [(TOPIC, 0)])
+    receiver.wait_ready()
+    outcome: list[BaseException] = []
+
+    def read() -> None:
+        try:
+            receiver.receive()
+        except BaseException as error:
+            outcome.append(error)
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    time.sleep(0.2)
+    receiver.close()
+    reader.join(5)
+
+    assert [type(error) for error in outcome] == [EOFError]
