@@ -120,6 +120,24 @@ class Target:
     solve_seconds: float
 
 
+@dataclass(frozen=True)
+class Holdings:
+    """The ledger's view of every agent with a live grant, read once per cycle.
+
+    Rows are the online agents first (``active`` of them, in the cycle's
+    order), then the agents away whose last grant has not expired.
+    """
+
+    agents: list[str]
+    active: int
+    held: np.ndarray  # (N, R): the most each may be using
+    current: np.ndarray  # (N, R): its latest grant
+
+    @property
+    def away(self) -> list[str]:
+        return self.agents[self.active :]
+
+
 # Reasons that reallocate at once: an operator's budget or alpha change, and
 # the first cycle after a (re)start, which republishes the restored state.
 URGENT = frozenset({"budget", "restart"})
@@ -270,7 +288,9 @@ class Controller:
                 target=self._pass_batches, name="fairsynergy-batches", daemon=True
             ).start()
             self.log.info("controller_started", fleet=self.fleet, epoch=self.epoch)
+            # The restart cycle runs before the telemetry queued meanwhile.
             self.triggers.add("restart", self.clock())
+            self.housekeeping(self.clock())
             while not stop.is_set():
                 self.step(self._wait_time())
         finally:
@@ -616,12 +636,10 @@ class Controller:
     # -- deadlines ---------------------------------------------------------
 
     def housekeeping(self, now: float) -> None:
-        """Sweep the fleet, check fits, save learners, and run a due cycle."""
+        """Sweep, check fits, save learners, run a due cycle, rebuild some learners."""
         if now >= self.last_sweep_at + SWEEP_INTERVAL_S:
             self.sweep(now)
             self.last_sweep_at = now
-        if self.rebuilding:
-            self._rebuild_learners(now)
         if now >= self.last_fit_check_at + self.config.debounce:
             self.check_fits(now)
             self.last_fit_check_at = now
@@ -642,6 +660,8 @@ class Controller:
                 self.log.exception("cycle_failed", trigger=trigger, epoch=self.epoch)
             took = time.perf_counter() - started
             self.next_cycle_at = self.clock() + CYCLE_SPACING * took
+        if self.rebuilding:
+            self._rebuild_learners(now)
 
     def _rebuild_learners(self, now: float) -> None:
         """Rebuild a slice of the learners held since the restart.
@@ -725,7 +745,8 @@ class Controller:
         if self.budget is None or not active or self._learner is None:
             return
         started = time.perf_counter()
-        budget = self._available_budget(active)
+        holdings = self._holdings(active)
+        budget = self._available_budget(holdings)
         target = self.target
         reasons = set(trigger.split(","))
         if reasons & {"tick", "budget"}:
@@ -735,17 +756,18 @@ class Controller:
             reasons.discard("fit")
         continuing = reasons <= {"ack", "expiry"}
         if self.learner.held and not reasons & {"budget", "join", "leave"}:
-            target = self._recorded_target(active)
+            target = self._recorded_target(active, holdings)
         elif target is None or target.agents != tuple(active) or not continuing:
             target = self._solve(active, budget)
             self.fit_deferred = False
 
-        held = self.ledger.held(active, self.resources)
+        n = holdings.active
+        held = holdings.held[:n]
         step = plan_transition(
             budget,
             target.cloud,
             held,
-            self.ledger.current(active, self.resources),
+            holdings.current[:n],
             hysteresis=self.config.hysteresis,
             new_agents=np.array([self._needs_grant(a, now) for a in active]),
         )
@@ -755,7 +777,7 @@ class Controller:
 
         expected = self._expected(target, active, step.cloud)
         self.epoch = self.store.next_epoch()
-        shares = self._shares(active, step, expected, target.prices, now)
+        shares = self._shares(holdings, step, expected, target.prices, now)
         self._record(trigger, shares)
         self._publish(shares)
         changed = [a for a, p in zip(active, step.publish.tolist(), strict=True) if p]
@@ -778,12 +800,13 @@ class Controller:
         self.transition_complete = step.complete
         self.target = None if step.complete else target
         holding = np.flatnonzero((held > step.cloud * (1 + 1e-12)).any(axis=1))
-        self.blocking = {active[row] for row in holding.tolist()}
+        rows = [] if step.complete else holding.tolist()
+        self.blocking = {active[row] for row in rows}
         if step.complete and self.fit_deferred:
             self.fit_deferred = False
             self.triggers.add("fit", now)
 
-    def _recorded_target(self, active: list[str]) -> Target:
+    def _recorded_target(self, active: list[str], holdings: Holdings) -> Target:
         """The restored grants, as they stand: what a restart republishes first.
 
         Solving needs every agent's learner, and rebuilding 10,000 of them
@@ -796,7 +819,7 @@ class Controller:
         return Target(
             agents=tuple(active),
             problem=None,
-            cloud=self.ledger.current(active, self.resources),
+            cloud=holdings.current[: holdings.active],
             prices=dict(self.restored_prices),
             exploration=0.0,
             solve_seconds=0.0,
@@ -859,13 +882,22 @@ class Controller:
         renew_at = self.config.grant_lease / 2
         return latest is None or latest.expires - now < renew_at
 
-    def _available_budget(self, active: list[str]) -> np.ndarray:
+    def _holdings(self, active: list[str]) -> Holdings:
+        present = set(active)
+        away = sorted(a for a in self.ledger.agents() if a not in present)
+        agents = active + away
+        return Holdings(
+            agents=agents,
+            active=len(active),
+            held=self.ledger.held(agents, self.resources),
+            current=self.ledger.current(agents, self.resources),
+        )
+
+    def _available_budget(self, holdings: Holdings) -> np.ndarray:
         """The budget minus what agents offline (but within grace) still hold."""
         budget = self.budget or {}
         total = np.array([budget[r] for r in self.resources], dtype=float)
-        present = set(active)
-        away = [a for a in self.ledger.agents() if a not in present]
-        reserved = self.ledger.held(away, self.resources).sum(axis=0)
+        reserved = holdings.held[holdings.active :].sum(axis=0)
         available: np.ndarray = np.maximum(total - reserved, 0.0)
         return available
 
@@ -881,7 +913,7 @@ class Controller:
 
     def _shares(
         self,
-        active: list[str],
+        holdings: Holdings,
         step: Transition,
         expected: np.ndarray,
         prices: dict[str, float],
@@ -892,16 +924,15 @@ class Controller:
         It lists every grant still live, also of agents away but not yet
         expired, so that a restarted controller counts all of them.
         """
-        away = sorted(set(self.ledger.agents()) - set(active))
-        agents = active + away
+        agents, n = holdings.agents, holdings.active
         lease = self.config.grant_lease
-        publish = np.concatenate([step.publish, np.zeros(len(away), dtype=bool)])
+        away = np.arange(len(agents)) >= n
+        publish = np.concatenate([step.publish, np.zeros(len(agents) - n, bool)])
         latest = [self.ledger.latest(agent) for agent in agents]
         old = [g if g is not None else Grant(self.epoch, {}, now, now) for g in latest]
         new = publish | np.array([g is None for g in latest], dtype=bool)
-        held = self.ledger.held(agents, self.resources)
-        cloud = np.vstack([step.cloud, self.ledger.current(away, self.resources)])
-        nothing = np.full(len(away), np.nan)
+        cloud = np.vstack([step.cloud, holdings.current[n:]])
+        nothing = np.full(len(agents) - n, np.nan)
         return EpochShares(
             epoch=self.epoch,
             ts=now,
@@ -911,18 +942,21 @@ class Controller:
             resources=self.resources,
             agents=agents,
             cloud=cloud,
-            held=np.maximum(held, cloud),
+            held=np.maximum(holdings.held, cloud),
             expected=np.concatenate([np.clip(expected, 0.0, 1.0), nothing]),
             epochs=np.where(new, self.epoch, [g.epoch for g in old]),
             published_at=np.where(new, now, [g.published_at for g in old]),
             expires=np.where(new, now + lease, [g.expires for g in old]),
             publish=publish,
-            away=np.arange(len(agents)) >= len(active),
+            away=away,
         )
 
     def _record(self, trigger: str, shares: EpochShares) -> None:
         """Commit the epoch before anything about it is published."""
+        resources = shares.resources
         columns = (
+            shares.cloud.tolist(),
+            shares.held.tolist(),
             shares.expected.tolist(),
             shares.epochs.tolist(),
             shares.published_at.tolist(),
@@ -930,20 +964,20 @@ class Controller:
             shares.away.tolist(),
         )
         agents: dict[str, dict[str, Any]] = {}
-        for row, (agent, expected, epoch, published_at, expires, away) in enumerate(
-            zip(shares.agents, *columns, strict=True)
+        for agent, cloud, held, expected, epoch, at, expires, away in zip(
+            shares.agents, *columns, strict=True
         ):
-            agents[agent] = {
-                "cloud": shares.amounts(row),
+            share = agents[agent] = {
+                "cloud": dict(zip(resources, cloud, strict=True)),
                 "epoch": epoch,
-                "published_at": published_at,
+                "published_at": at,
                 "expires": expires,
-                "held": shares.amounts(row, shares.held),
+                "held": dict(zip(resources, held, strict=True)),
             }
             if away:
-                agents[agent]["away"] = True
+                share["away"] = True
             elif not math.isnan(expected):
-                agents[agent]["expected_accuracy"] = expected
+                share["expected_accuracy"] = expected
                 self.agents[agent].expected_accuracy = expected
         self.store.record_allocation(
             self.epoch,
