@@ -8,6 +8,7 @@ would pay it). Prints a Markdown table; ``--json`` also saves the numbers.
 
     python bench/bench_allocate_speed.py            # full run, ~15 minutes
     python bench/bench_allocate_speed.py --quick    # up to 10,000 agents
+    python bench/bench_allocate_speed.py --agents 1000   # one size, ~30 s
 
 Instances: scale U(0.5, 1), elasticities a Dirichlet draw scaled by
 U(0.5, 0.95) (so each agent's sum is below 1), local amounts U(0, 0.1), a
@@ -131,11 +132,16 @@ def machine() -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="up to 10,000 agents")
+    parser.add_argument(
+        "--agents", type=int, nargs="+", help="only these fleet sizes, e.g. 1000"
+    )
     parser.add_argument("--cvxpy-max", type=int, default=10_000)
     parser.add_argument("--json", type=Path, help="also write the numbers here")
     args = parser.parse_args(argv)
 
     sizes = [n for n in SIZES if n <= 10_000] if args.quick else list(SIZES)
+    if args.agents:
+        sizes = args.agents
     rows = []
     before = machine()
     for n in sizes:

@@ -10,7 +10,9 @@ capped utility (see :mod:`controller.baselines`).
 The fair solver works on prices, never on a generic modelling layer: for given
 prices every agent's best purchase has a closed form, and the prices are found
 by Newton's method on the convex dual (finite alpha) or by nested searches on
-the max-min level (alpha = inf). ``docs/allocation.md`` has the maths.
+the max-min level (alpha = inf). Fleets without caps take a leaner route to
+the same optimum (see :mod:`controller._dual`). ``docs/allocation.md`` has
+the maths.
 
 >>> from controller.problem import parse_instance
 >>> problem = parse_instance({
@@ -35,7 +37,7 @@ from typing import Any
 
 import numpy as np
 
-from controller._dual import solve_fair
+from controller._dual import Solution, solve_fair, solve_separable, solve_uncapped
 from controller._leximin import solve_leximin
 from controller._response import Market
 from controller.errors import FairsynergyError
@@ -134,7 +136,10 @@ def allocate(
 
     if utility is None:
         utility = capped_utility(problem, cloud)
-    unused = np.maximum(problem.budget - cloud.sum(axis=0), 0.0)
+    # A product with ones sums over agents several times faster than
+    # sum(axis=0) does for a few resources.
+    used = np.ones(problem.n_agents) @ cloud
+    unused = np.maximum(problem.budget - used, 0.0)
     return Allocation(
         problem=problem,
         policy=policy,
@@ -184,9 +189,42 @@ def _solve(
             )
         with np.errstate(divide="ignore", invalid="ignore"):
             log_price = np.where(given > 0, np.log(given), np.nan)
-    market = market_of(problem)
-    cloud, found, certificate, log_v = solve_market(market, problem.alpha, log_price)
+    solution = _uncapped(problem)
+    if solution is not None:
+        cloud, found, certificate, log_v = (
+            solution.cloud, solution.price, solution.certificate, solution.log_v
+        )  # fmt: skip
+    else:
+        market = market_of(problem)
+        cloud, found, certificate, log_v = solve_market(
+            market, problem.alpha, log_price
+        )
     return np.ascontiguousarray(cloud.T), found, certificate, np.exp(log_v)
+
+
+def _uncapped(problem: Problem) -> Solution | None:
+    """The lean solvers' answer, for finite alpha with no cap on any agent's
+    resources (see :mod:`controller._dual`); None sends the problem to the
+    general solver."""
+    p = problem
+    if math.isinf(p.alpha):
+        return None
+    if not np.isinf(p.cap).all() and (np.isfinite(p.cap) & (p.elasticity > 0)).any():
+        return None
+    gamma, local, floor = (
+        np.ascontiguousarray(a.T) for a in (p.elasticity, p.local, p.floor)
+    )
+    if p.alpha == 1.0:
+        solution = solve_separable(
+            budget=p.budget, scale=p.scale, gamma=gamma, local=local,
+            weight=p.weight, floor=floor, ceiling=p.ceiling,
+        )  # fmt: skip
+        if solution is not None:
+            return solution
+    return solve_uncapped(
+        alpha=p.alpha, budget=p.budget, scale=p.scale, gamma=gamma, local=local,
+        weight=p.weight, floor=floor, ceiling=p.ceiling,
+    )  # fmt: skip
 
 
 def capped_utility(problem: Problem, cloud: FloatArray) -> FloatArray:
