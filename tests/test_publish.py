@@ -57,16 +57,38 @@ def test_plan_transition_shrinks_first_then_grows():
     assert not step.complete
 
 
-def test_plan_transition_shares_partial_slack_by_growth():
-    """Free slack is split among growers in proportion to how much they grow."""
-    budget = np.array([10.0])
-    current = np.array([[1.0], [1.0], [6.0]])
-    target = np.array([[4.0], [2.0], [4.0]])
+def test_plan_transition_grants_whole_growth_smallest_first():
+    """Slack goes whole to the smallest growers that fit; the rest wait intact."""
+    budget = np.array([10.5, 10.5])
+    current = np.array([[1.0, 1.0], [1.0, 1.0], [1.0, 1.0], [6.0, 6.0]])
+    target = np.array([[2.0, 2.0], [4.0, 1.5], [1.5, 3.0], [2.0, 2.0]])
 
     step = plan_transition(budget, target, current, current, hysteresis=0.0)
 
-    # slack 2 for a demand of 3 + 1: growers get 2/4 of their growth
-    np.testing.assert_allclose(step.cloud[:, 0], [2.5, 1.5, 4.0])
+    # slack (1.5, 1.5): growths (1, 1), (0.5, 2), (3, 0.5) in that order;
+    # the first fits, the first two together do not
+    assert step.cloud.tolist() == [[2.0, 2.0], [1.0, 1.0], [1.0, 1.0], [2.0, 2.0]]
+    assert step.publish.tolist() == [True, False, False, True]
+    assert not step.complete
+
+
+def test_plan_transition_publishes_each_grower_once_per_transition():
+    """As shrinkers acknowledge, each grower is published once, with its target."""
+    budget = np.array([10.0])
+    current = np.array([[1.0], [2.0], [7.0]])
+    target = np.array([[3.0], [5.0], [2.0]])
+    published = np.zeros(3, int)
+    held = current.copy()
+
+    for _ in range(3):
+        step = plan_transition(budget, target, held, current, hysteresis=0.0)
+        published += step.publish
+        current = step.cloud
+        held = step.cloud.copy()  # everyone acknowledges before the next step
+
+    assert step.complete
+    assert published.tolist() == [1, 1, 1]
+    np.testing.assert_allclose(current, target)
 
 
 def test_plan_transition_skips_moves_inside_hysteresis_band():
