@@ -261,7 +261,9 @@ class Controller:
         self.control_client: paho.Client | None = None
         # The prices of the last epoch recorded before a restart.
         self.restored_prices: dict[str, float] = {}
-        # Learners are being rebuilt from the store, a slice per loop step.
+        # Since a restart: the saved learner states are still to be read, and
+        # the learners still to be rebuilt from them, a slice per loop step.
+        self.states_unread = False
         self.rebuilding = False
         # The received counter of each kind of event, looked up once.
         self._received: dict[type, Any] = {}
@@ -479,6 +481,8 @@ class Controller:
     # -- events ------------------------------------------------------------
 
     def on_telemetry(self, report: Telemetry, now: float) -> None:
+        if self.states_unread:
+            self._read_learner_states()
         info = self._join(report.agent, report.model, now)
         info.local = dict(report.local)
         if report.load is not None:
@@ -670,6 +674,8 @@ class Controller:
         them. States the learner could not rebuild are reported here; those
         agents learn again from their model's prior.
         """
+        if self.states_unread:
+            self._read_learner_states()
         learner = self.learner
         if learner.restore_held(REBUILD_SLICE) == 0:
             self.rebuilding = False
@@ -755,7 +761,7 @@ class Controller:
             self.fit_deferred = True
             reasons.discard("fit")
         continuing = reasons <= {"ack", "expiry"}
-        if self.learner.held and not reasons & {"budget", "join", "leave"}:
+        if self.rebuilding and not reasons & {"budget", "join", "leave"}:
             target = self._recorded_target(active, holdings)
         elif target is None or target.agents != tuple(active) or not continuing:
             target = self._solve(active, budget)
@@ -836,6 +842,8 @@ class Controller:
 
     def _solve(self, active: list[str], budget: np.ndarray) -> Target:
         """The allocation to head for: fair at the estimates, plus exploration."""
+        if self.states_unread:
+            self._read_learner_states()
         estimates = self.learner.estimates(active)
         weight = self._weights(active)
         alpha = self._alpha()
@@ -1106,19 +1114,20 @@ class Controller:
                 )
 
         self.restored_prices = latest.get("prices", {})
+        # The learners' states are read after the restart cycle (see
+        # _recorded_target), or before anything needs them.
+        self.rebuilding = self.states_unread = self._learner is not None
+        self.log.info("state_restored", epoch=self.epoch, agents=len(self.agents))
+
+    def _read_learner_states(self) -> None:
+        """Hand the learner every saved state, to parse as it needs them."""
+        self.states_unread = False
         states = self.store.learner_state_texts()
-        if self._learner is not None:
-            self._learner.restore_later(states)
-            self.rebuilding = bool(states)
-            for agent, info in self.agents.items():
-                if agent not in self._learner:
-                    self._learner.add_agent(agent, model=info.model)
-        self.log.info(
-            "state_restored",
-            epoch=self.epoch,
-            agents=len(self.agents),
-            learners=len(states),
-        )
+        self.learner.restore_later(states)
+        for agent, info in self.agents.items():
+            if agent not in self.learner:
+                self.learner.add_agent(agent, model=info.model)
+        self.log.info("learner_states_read", learners=len(states))
 
 
 # Put on the inbox to wake a waiting loop, and to say the receiver has gone.

@@ -323,11 +323,11 @@ def test_controller_resumes_after_kill_9(setup, tmp_path: Path):
             agent: state["learner"]["n_samples"] if "learner" in state else None
             for agent, state in store.learner_states().items()
         }
-    restored = [
-        entry for entry in controller.lines() if entry.get("event") == "state_restored"
-    ]
-    assert restored
-    assert restored[-1]["learners"] == len(learned)
+    events = [entry.get("event") for entry in controller.lines()]
+    read = [e for e in controller.lines() if e.get("event") == "learner_states_read"]
+    assert "state_restored" in events
+    assert read[-1]["learners"] == len(learned)
+    assert "learner_states_refused" not in events
     assert all(n is None or n > 0 for n in samples.values())
     assert watcher.audit.violations == []
 
