@@ -43,6 +43,9 @@ FloatArray = npt.NDArray[np.float64]
 # Relative margin kept free when slack is shared out, so that summing the
 # grants in a different order can never show a total above the budget.
 ROUNDING_MARGIN = 1e-9
+# Growth that exceeds the slack by no more than this (relative) is rounding:
+# a target that fills a budget exactly, against holdings summed another way.
+ROUNDING_SHORTFALL = 1e-6
 
 
 @dataclass
@@ -236,8 +239,20 @@ def plan_transition(
 
     growth = np.maximum(wanted - held, 0.0)
     slack = np.maximum(budget - held.sum(axis=0), 0.0)
-    grows = _whole_growth(growth, slack, budget)
-    limited = np.where((wanted > held) & ~grows[:, None], held, wanted)
+    demand = growth.sum(axis=0)
+    if np.all(demand <= slack):
+        limited = wanted
+    elif np.all(demand <= slack * (1.0 + ROUNDING_SHORTFALL)):
+        # The slack covers the growth but for rounding (a target that fills
+        # a budget exactly): everyone gets all but a sliver, within the band.
+        over = demand > slack
+        share = np.divide(slack, demand, out=np.ones_like(slack), where=over)
+        limited = np.where(
+            wanted > held, held + share * (1.0 - ROUNDING_MARGIN) * growth, wanted
+        )
+    else:
+        grows = _whole_growth(growth, slack, budget)
+        limited = np.where((wanted > held) & ~grows[:, None], held, wanted)
 
     publish = fresh | np.any(np.abs(limited - current) > band, axis=1)
     cloud = np.where(publish[:, None], limited, current)
@@ -249,15 +264,12 @@ def plan_transition(
 def _whole_growth(
     growth: FloatArray, slack: FloatArray, budget: FloatArray
 ) -> npt.NDArray[np.bool_]:
-    """Which agents get all of their ``growth`` now, within ``slack``.
+    """Which agents get all of their ``growth`` now, within too little ``slack``.
 
-    Everyone when the slack covers all of it; otherwise the agents with the
-    smallest growth (relative to each budget), as many as fit, in that
-    order: the longest prefix whose running total stays within the slack in
-    every resource, less a rounding margin.
+    The agents with the smallest growth (relative to each budget), as many
+    as fit, in that order: the longest prefix whose running total stays
+    within the slack in every resource, less a rounding margin.
     """
-    if np.all(growth.sum(axis=0) <= slack):
-        return np.ones(growth.shape[0], bool)
     scale = np.where(budget > 0, budget, 1.0)
     order = np.argsort((growth / scale).sum(axis=1), kind="stable")
     running = np.cumsum(growth[order], axis=0)

@@ -91,6 +91,20 @@ def test_plan_transition_publishes_each_grower_once_per_transition():
     np.testing.assert_allclose(current, target)
 
 
+def test_plan_transition_completes_when_growth_exceeds_slack_by_rounding():
+    """A target that fills the budget exactly, against holdings summed in
+    another order, still completes instead of leaving one grower waiting."""
+    budget = np.array([1.0, 2.0])
+    held = np.array([[0.1, 0.0], [0.2, 1.0], [0.3, 0.4]])
+    target = np.array([[0.1 + 0.2, 0.6], [0.2, 1.0], [0.7 - 0.2, 0.4]])
+    target[2, 0] = budget[0] - target[:2, 0].sum() + 1e-16  # rounding over
+
+    step = plan_transition(budget, target, held, held, hysteresis=0.01)
+
+    assert step.complete
+    assert np.all(np.maximum(held, step.cloud).sum(axis=0) <= budget)
+
+
 def test_plan_transition_skips_moves_inside_hysteresis_band():
     """Tiny changes are not published; large ones are."""
     budget = np.array([10.0, 10.0])
