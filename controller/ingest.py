@@ -132,6 +132,7 @@ class AgentHistory:
     seq: int = -1
     accuracy: float | None = None
     local: dict[str, float] = field(default_factory=dict)
+    cloud: dict[str, float] = field(default_factory=dict)
     model: str | None = None
     suspect: int = 0
 
@@ -273,6 +274,7 @@ class Ingest:
         history.suspect = 0
         history.accuracy = report.accuracy
         history.local = dict(report.local)
+        history.cloud = dict(report.cloud)
         history.model = report.model
         return report
 
@@ -319,12 +321,14 @@ def implausible_change(
 ) -> tuple[str, str] | None:
     """(field, reason) if the report moved further than a device can, else None.
 
-    A new ``model`` label announces a real change, so nothing is suspect then.
+    A new ``model`` label announces a real change, so nothing is suspect then;
+    nor is a large accuracy change that comes with a change of the cloud
+    amounts in use (a new grant can move accuracy a long way).
     """
     if history.accuracy is None or report.model != history.model:
         return None
     jump = abs(report.accuracy - history.accuracy)
-    if jump > MAX_ACCURACY_JUMP:
+    if jump > MAX_ACCURACY_JUMP and report.cloud == history.cloud:
         return "accuracy", f"accuracy jumped by {jump:.2f} since the last report"
     if report.local == history.local:  # the usual case: the same hardware
         return None

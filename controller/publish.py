@@ -15,12 +15,12 @@ budget:
 
 - agents that shrink get their new amount at once (what they hold can only fall);
 - agents that grow get their whole new amount as soon as the slack that is
-  really free covers it, the smallest growth first; the others keep what
-  they hold and follow in a later epoch, once the shrinking agents have
-  acknowledged or their old grants have expired. Each grower is published
-  once per transition, not once per acknowledgement with a bit more each
-  time: at 10,000 agents that was several messages per agent per budget
-  change;
+  really free covers it, the smallest growth first; what is left is shared
+  by the other growers in proportion to their growth, and the rest of their
+  growth follows in a later epoch, once the shrinking agents have
+  acknowledged or their old grants have expired. Most growers are published
+  once per transition rather than once per acknowledgement with a bit more
+  each time;
 - changes smaller than the hysteresis band are not published at all, so small
   refits and exploration noise do not cause a storm of messages.
 
@@ -43,9 +43,6 @@ FloatArray = npt.NDArray[np.float64]
 # Relative margin kept free when slack is shared out, so that summing the
 # grants in a different order can never show a total above the budget.
 ROUNDING_MARGIN = 1e-9
-# Growth that exceeds the slack by no more than this (relative) is rounding:
-# a target that fills a budget exactly, against holdings summed another way.
-ROUNDING_SHORTFALL = 1e-6
 
 
 @dataclass
@@ -239,20 +236,21 @@ def plan_transition(
 
     growth = np.maximum(wanted - held, 0.0)
     slack = np.maximum(budget - held.sum(axis=0), 0.0)
-    demand = growth.sum(axis=0)
-    if np.all(demand <= slack):
-        limited = wanted
-    elif np.all(demand <= slack * (1.0 + ROUNDING_SHORTFALL)):
-        # The slack covers the growth but for rounding (a target that fills
-        # a budget exactly): everyone gets all but a sliver, within the band.
-        over = demand > slack
-        share = np.divide(slack, demand, out=np.ones_like(slack), where=over)
-        limited = np.where(
-            wanted > held, held + share * (1.0 - ROUNDING_MARGIN) * growth, wanted
-        )
+    if np.all(growth.sum(axis=0) <= slack):
+        grows = np.ones(len(growth), bool)
     else:
         grows = _whole_growth(growth, slack, budget)
-        limited = np.where((wanted > held) & ~grows[:, None], held, wanted)
+    whole = np.where(grows[:, None], growth, 0.0)
+    # What the whole grants leave is shared by the other growers in
+    # proportion to their growth: without it a transition whose last
+    # growers need a hair more than is free (rounding, or agents kept a
+    # band's width above their target) would wait for them forever.
+    rest = growth - whole
+    left = np.maximum(slack - whole.sum(axis=0), 0.0)
+    wanting = rest.sum(axis=0)
+    share = np.divide(left, wanting, out=np.ones_like(left), where=wanting > left)
+    share = np.where(share < 1.0, share * (1.0 - ROUNDING_MARGIN), 1.0)
+    limited = np.where(wanted > held, held + whole + share * rest, wanted)
 
     publish = fresh | np.any(np.abs(limited - current) > band, axis=1)
     cloud = np.where(publish[:, None], limited, current)

@@ -141,6 +141,18 @@ def test_ingest_accuracy_jump_needs_confirmation():
     assert events[0].field == "accuracy"  # type: ignore[union-attr]
 
 
+def test_ingest_accuracy_jump_with_a_new_grant_is_accepted():
+    """A large accuracy change that comes with other cloud amounts is believed."""
+    ingest = make_ingest()
+    ingest.handle(TOPIC, report(1, accuracy=0.2, cloud={"compute": 0.0}), 0.0, GRANT)
+
+    event = ingest.handle(
+        TOPIC, report(2, accuracy=0.9, cloud={"compute": 0.5}), 0.0, GRANT
+    )
+
+    assert not isinstance(event, Rejected)
+
+
 def test_ingest_accuracy_jump_with_new_model_is_accepted():
     """A new model label announces a real change: the jump is not suspect."""
     ingest = make_ingest()

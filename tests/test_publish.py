@@ -58,17 +58,20 @@ def test_plan_transition_shrinks_first_then_grows():
 
 
 def test_plan_transition_grants_whole_growth_smallest_first():
-    """Slack goes whole to the smallest growers that fit; the rest wait intact."""
+    """Slack goes whole to the smallest growers that fit, the rest in proportion."""
     budget = np.array([10.5, 10.5])
     current = np.array([[1.0, 1.0], [1.0, 1.0], [1.0, 1.0], [6.0, 6.0]])
     target = np.array([[2.0, 2.0], [4.0, 1.5], [1.5, 3.0], [2.0, 2.0]])
 
     step = plan_transition(budget, target, current, current, hysteresis=0.0)
 
-    # slack (1.5, 1.5): growths (1, 1), (0.5, 2), (3, 0.5) in that order;
-    # the first fits, the first two together do not
-    assert step.cloud.tolist() == [[2.0, 2.0], [1.0, 1.0], [1.0, 1.0], [2.0, 2.0]]
-    assert step.publish.tolist() == [True, False, False, True]
+    # slack (1.5, 1.5): growths (1, 1), (0.5, 2), (3, 0.5) in that order; the
+    # first fits whole, and the (0.5, 0.5) left goes to the other two
+    # growers in proportion to (3.5, 2.5)
+    rest = np.array([[3.0, 0.5], [0.5, 2.0]]) * (0.5 / np.array([3.5, 2.5]))
+    assert step.cloud[[0, 3]].tolist() == [[2.0, 2.0], [2.0, 2.0]]
+    np.testing.assert_allclose(step.cloud[[1, 2]], 1.0 + rest, rtol=1e-8)
+    assert np.all(step.cloud.sum(axis=0) <= budget)
     assert not step.complete
 
 
