@@ -45,12 +45,11 @@ def clock() -> Clock:
     return Clock()
 
 
-@pytest.fixture
-def controller(tmp_path: Path, clock: Clock) -> Iterator[Controller]:
-    """An unconnected controller with default settings and its own state file."""
-    store = Store(tmp_path / "state.db", fleet=FLEET, clock=clock)
+def unconnected(path: Path, clock: Clock) -> Controller:
+    """A controller with default settings on the state file ``path``."""
+    store = Store(path, fleet=FLEET, clock=clock)
     config = ControllerConfig(rate_limit=1000.0, rate_burst=1000.0)
-    built = Controller(
+    return Controller(
         FLEET,
         store,
         BrokerOptions("mqtt://127.0.0.1:1"),
@@ -59,8 +58,14 @@ def controller(tmp_path: Path, clock: Clock) -> Iterator[Controller]:
         clock=clock,
         seed=7,
     )
+
+
+@pytest.fixture
+def controller(tmp_path: Path, clock: Clock) -> Iterator[Controller]:
+    """An unconnected controller with default settings and its own state file."""
+    built = unconnected(tmp_path / "state.db", clock)
     yield built
-    store.close()
+    built.store.close()
 
 
 def budget_payload(resources: dict[str, float]) -> bytes:
@@ -235,17 +240,8 @@ def test_restart_republishes_the_record_before_rebuilding_learners(
     controller.cycle("join", clock.now)
     controller.save_learners()
     controller.store.close()
-    store = Store(tmp_path / "state.db", fleet=FLEET, clock=clock)
-    restarted = Controller(
-        FLEET,
-        store,
-        BrokerOptions("mqtt://127.0.0.1:1"),
-        controller.config,
-        logger=structlog.get_logger(),
-        clock=clock,
-        seed=7,
-    )
-
+    restarted = unconnected(tmp_path / "state.db", clock)
+    store = restarted.store
     restarted.restore()
     restarted.receive(TOPICS.budget, budget_payload(BUDGET), clock.now)  # retained
     restarted.triggers.add("fit", clock.now)
