@@ -110,7 +110,26 @@ INDEX_TELEMETRY_RECEIVED_AT = Migration(
     statements=("CREATE INDEX telemetry_by_received_at ON telemetry (received_at)",),
 )
 
-MIGRATIONS: tuple[Migration, ...] = (CREATE_TABLES, INDEX_TELEMETRY_RECEIVED_AT)
+# An epoch's shares may be stored column by column (one list per field, in
+# the order of an `agent` list) instead of as one object per agent: for
+# 10,000 agents that is half the JSON text and half the time to write it.
+# Rows written before keep the layout they were written in.
+ALLOCATION_LAYOUT = Migration(
+    version=3,
+    name="allocation_layout",
+    statements=(
+        """
+        ALTER TABLE allocations ADD COLUMN layout TEXT NOT NULL
+            DEFAULT 'by_agent' CHECK (layout IN ('by_agent', 'columns'))
+        """,
+    ),
+)
+
+MIGRATIONS: tuple[Migration, ...] = (
+    CREATE_TABLES,
+    INDEX_TELEMETRY_RECEIVED_AT,
+    ALLOCATION_LAYOUT,
+)
 """Every migration, in the order they are applied."""
 
 LATEST_VERSION = MIGRATIONS[-1].version

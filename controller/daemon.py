@@ -247,6 +247,8 @@ class Controller:
         self.refit: set[str] = set()
         # Agents already warned about for not acknowledging their latest grant.
         self.late: set[str] = set()
+        # Agents offline and still in the fleet: the sweep looks only at these.
+        self.offline: set[str] = set()
         # Each agent's exploration draw (standard normals), held between ticks.
         self.draws: dict[str, np.ndarray] = {}
         # During a transition: agents whose acknowledgement growth waits for.
@@ -555,6 +557,7 @@ class Controller:
         if info is not None and info.online:
             info.online = False
             info.offline_since = now
+            self.offline.add(status.agent)
             self.store.set_agent_state(status.agent, "offline")
             self.log.info("agent_offline", agent=status.agent)
 
@@ -566,6 +569,7 @@ class Controller:
             self.log.info("agent_joined", agent=agent, model=model)
         elif not info.online:
             info.online, info.offline_since = True, None
+            self.offline.discard(agent)
             self.triggers.add("join", now)
             self.log.info("agent_back", agent=agent)
         if model is not None:
@@ -703,7 +707,7 @@ class Controller:
             self.triggers.add("expiry", now)
         late = [
             agent
-            for agent in self.ledger.unacknowledged(now, self.config.ack_timeout)
+            for agent in self.ledger.newly_late(now, self.config.ack_timeout)
             if agent not in self.late
         ]
         if late:
@@ -715,14 +719,15 @@ class Controller:
                 agents=sorted(late)[:LATE_AGENTS_LOGGED],
                 epoch=self.epoch,
             )
-        for agent, info in list(self.agents.items()):
-            since = info.offline_since
+        for agent in list(self.offline):
+            since = self.agents[agent].offline_since
             if since is not None and now - since >= self.config.offline_grace:
                 self._leave(agent, now)
 
     def _leave(self, agent: str, now: float) -> None:
         """Stop allocating to ``agent``; its last grant counts until it expires."""
         self.agents.pop(agent, None)
+        self.offline.discard(agent)
         self.draws.pop(agent, None)
         if self._learner is not None:
             self._learner.remove_agent(agent)
@@ -960,40 +965,37 @@ class Controller:
         )
 
     def _record(self, trigger: str, shares: EpochShares) -> None:
-        """Commit the epoch before anything about it is published."""
-        resources = shares.resources
-        columns = (
-            shares.cloud.tolist(),
-            shares.held.tolist(),
-            shares.expected.tolist(),
-            shares.epochs.tolist(),
-            shares.published_at.tolist(),
-            shares.expires.tolist(),
-            shares.away.tolist(),
-        )
-        agents: dict[str, dict[str, Any]] = {}
-        for agent, cloud, held, expected, epoch, at, expires, away in zip(
-            shares.agents, *columns, strict=True
-        ):
-            share = agents[agent] = {
-                "cloud": dict(zip(resources, cloud, strict=True)),
-                "epoch": epoch,
-                "published_at": at,
-                "expires": expires,
-                "held": dict(zip(resources, held, strict=True)),
-            }
-            if away:
-                share["away"] = True
-            elif not math.isnan(expected):
-                share["expected_accuracy"] = expected
-                self.agents[agent].expected_accuracy = expected
+        """Commit the epoch before anything about it is published.
+
+        Written column by column: for 10,000 agents, building and encoding
+        one object per agent took a quarter of a second per cycle.
+        """
+        expected = shares.expected.tolist()
+        away = shares.away.tolist()
+        for agent, value, gone in zip(shares.agents, expected, away, strict=True):
+            if not gone and not math.isnan(value):
+                self.agents[agent].expected_accuracy = value
+        columns = {
+            "agent": shares.agents,
+            "resources": list(shares.resources),
+            "cloud": shares.cloud.tolist(),
+            "epoch": shares.epochs.tolist(),
+            "published_at": shares.published_at.tolist(),
+            "expires": shares.expires.tolist(),
+            "held": shares.held.tolist(),
+            "expected_accuracy": [
+                None if math.isnan(value) or gone else value
+                for value, gone in zip(expected, away, strict=True)
+            ],
+            "away": away,
+        }
         self.store.record_allocation(
             self.epoch,
             trigger=trigger,
             alpha=shares.alpha,
             budget=shares.budget,
             prices=shares.prices,
-            agents=agents,
+            columns=columns,
             ts=shares.ts,
         )
 
@@ -1008,13 +1010,10 @@ class Controller:
         :class:`EpochShares`); the grants count from now on.
         """
         rows = np.flatnonzero(shares.publish).tolist()
+        cloud, expires = shares.cloud.tolist(), shares.expires.tolist()
         for row in rows:
-            grant = Grant(
-                self.epoch,
-                shares.amounts(row),
-                shares.ts,
-                float(shares.expires[row]),
-            )
+            amounts = self._amounts(cloud[row])
+            grant = Grant(self.epoch, amounts, shares.ts, expires[row])
             self.ledger.grant(shares.agents[row], grant)
         self._send(shares)
         self.metrics.allocations_published.inc(len(rows))

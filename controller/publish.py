@@ -32,6 +32,7 @@ over_budget` reports it so the daemon can warn.
 
 from __future__ import annotations
 
+import heapq
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
@@ -39,6 +40,10 @@ import numpy as np
 import numpy.typing as npt
 
 FloatArray = npt.NDArray[np.float64]
+
+# Entries a ledger heap may hold beyond twice the live grants before it is
+# compacted: keeps small ledgers from compacting at every grant.
+COMPACT_SLACK = 1024
 
 # Relative margin kept free when slack is shared out, so that summing the
 # grants in a different order can never show a total above the budget.
@@ -90,10 +95,23 @@ class AgentGrants:
 
 
 class GrantLedger:
-    """What every agent has been granted, and what it may still be holding."""
+    """What every agent has been granted, and what it may still be holding.
 
-    def __init__(self) -> None:
+    The daemon sweeps the ledger several times a second for lapsed leases and
+    late acknowledgements, so both are kept as time-ordered heaps with an
+    entry per grant: a sweep looks only at the grants whose time has come,
+    not at the whole fleet. An entry whose grant has gone otherwise (an
+    acknowledgement released it, a newer grant replaced it) stays in its
+    heap until its time and is then passed over; :meth:`_compact` drops such
+    entries once there are ``compact_slack`` more than twice the live grants.
+    """
+
+    def __init__(self, compact_slack: int = COMPACT_SLACK) -> None:
         self._agents: dict[str, AgentGrants] = {}
+        self._compact_slack = compact_slack
+        self._lapses: list[tuple[float, str]] = []  # (expires, agent)
+        self._unacked: list[tuple[float, str, int]] = []  # (published_at, agent, epoch)
+        self._live = 0  # grants held, over all agents
 
     def __contains__(self, agent: str) -> bool:
         return agent in self._agents
@@ -112,6 +130,8 @@ class GrantLedger:
     def grant(self, agent: str, grant: Grant) -> None:
         """Record that ``grant`` was published to ``agent``."""
         self._agents.setdefault(agent, AgentGrants()).add(grant)
+        self._live += 1
+        self._watch(agent, grant)
 
     def restore(
         self,
@@ -130,7 +150,10 @@ class GrantLedger:
         before = Grant(
             latest.epoch - 1, dict(held), latest.published_at, latest.expires
         )
+        replaced = self._agents.get(agent)
+        self._live += 2 - (len(replaced.grants) if replaced else 0)
         self._agents[agent] = AgentGrants([before, latest], acknowledged_epoch)
+        self._watch(agent, latest)
 
     def acknowledge(self, agent: str, epoch: int) -> bool:
         """The agent reports using ``epoch``: forget its older grants.
@@ -145,32 +168,72 @@ class GrantLedger:
         kept = [g for g in entry.grants if g.epoch >= epoch] or entry.grants[-1:]
         released = len(kept) < len(entry.grants)
         if released:
+            self._live -= len(entry.grants) - len(kept)
             entry.keep(kept)
         return released
 
     def expire(self, now: float) -> bool:
         """Drop every grant whose lease has ended; True if any was dropped."""
         released = False
-        for agent, entry in list(self._agents.items()):
+        lapses = self._lapses
+        while lapses and lapses[0][0] <= now:
+            _, agent = heapq.heappop(lapses)
+            entry = self._agents.get(agent)
+            if entry is None:
+                continue
             live = [g for g in entry.grants if g.expires > now]
             if len(live) < len(entry.grants):
                 released = True
+                self._live -= len(entry.grants) - len(live)
                 entry.keep(live)
             if not live:
                 del self._agents[agent]
         return released
 
-    def unacknowledged(self, now: float, timeout: float) -> list[str]:
-        """Agents whose latest grant is older than ``timeout`` and not acknowledged."""
+    def newly_late(self, now: float, timeout: float) -> list[str]:
+        """Agents whose latest grant became older than ``timeout`` unacknowledged.
+
+        Each grant is reported once, by the first call after its timeout;
+        the same ``timeout`` must be passed every time.
+        """
         late = []
-        for agent, entry in self._agents.items():
-            latest = entry.latest
-            acked = entry.acknowledged_epoch
-            if latest is None or (acked is not None and acked >= latest.epoch):
-                continue
-            if now - latest.published_at > timeout:
+        pending = self._unacked
+        while pending and now - pending[0][0] > timeout:
+            _, agent, epoch = heapq.heappop(pending)
+            if self._waiting(agent, epoch):
                 late.append(agent)
         return late
+
+    def _waiting(self, agent: str, epoch: int) -> bool:
+        """True while ``epoch`` is ``agent``'s latest grant, not acknowledged."""
+        entry = self._agents.get(agent)
+        latest = entry.latest if entry else None
+        acked = entry.acknowledged_epoch if entry else None
+        return (
+            latest is not None
+            and latest.epoch == epoch
+            and (acked is None or acked < epoch)
+        )
+
+    def _watch(self, agent: str, grant: Grant) -> None:
+        """Put a new latest grant on the lapse and acknowledgement heaps."""
+        heapq.heappush(self._lapses, (grant.expires, agent))
+        heapq.heappush(self._unacked, (grant.published_at, agent, grant.epoch))
+        if len(self._lapses) > 2 * self._live + self._compact_slack:
+            self._compact()
+
+    def _compact(self) -> None:
+        """Drop heap entries whose grant has gone (amortised: O(1) per grant)."""
+        agents = self._agents
+        self._lapses = [
+            (expires, agent)
+            for expires, agent in self._lapses
+            if agent in agents
+            and any(g.expires == expires for g in agents[agent].grants)
+        ]
+        self._unacked = [e for e in self._unacked if self._waiting(e[1], e[2])]
+        heapq.heapify(self._lapses)
+        heapq.heapify(self._unacked)
 
     def held_by(self, agent: str) -> dict[str, float]:
         """The most of each resource ``agent`` may be using (absent means 0)."""

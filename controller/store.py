@@ -40,7 +40,7 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
@@ -74,8 +74,8 @@ TABLES = ("agents", "telemetry", "learner_state", "allocations", "budgets")
 BUSY_TIMEOUT = 5.0
 
 INSERT_ALLOCATION = """
-INSERT INTO allocations (epoch, ts, trigger, alpha, budget, prices, agents)
-VALUES (:epoch, :ts, :trigger, :alpha, :budget, :prices, :agents)
+INSERT INTO allocations (epoch, ts, trigger, alpha, budget, prices, agents, layout)
+VALUES (:epoch, :ts, :trigger, :alpha, :budget, :prices, :agents, :layout)
 """
 
 PRUNE_ALLOCATIONS = """
@@ -354,21 +354,29 @@ class Store:
         alpha: float,
         budget: Mapping[str, float],
         prices: Mapping[str, float],
-        agents: Mapping[str, Mapping[str, Any]],
+        agents: Mapping[str, Mapping[str, Any]] | None = None,
+        columns: Mapping[str, Sequence[Any]] | None = None,
         ts: float | None = None,
     ) -> None:
         """Commit an allocation before it is published.
 
         ``agents`` maps each agent to ``{"cloud": {resource: amount},
-        "expected_accuracy": v}`` (any JSON-compatible values are kept). When
-        this returns, the epoch survives a crash of the process, and with
-        ``durable=True`` a power loss too.
+        "expected_accuracy": v}`` (any JSON-compatible values are kept).
+        Large fleets pass the same as ``columns`` instead (see
+        :func:`shares_from_columns`), which is stored as it is and is about
+        twice as fast to write; reading gives ``agents`` back either way.
+        When this returns, the epoch survives a crash of the process, and
+        with ``durable=True`` a power loss too.
 
         Raises:
-            StoreError: ``epoch`` is not greater than the last recorded one, or
-                a field is not JSON-compatible.
+            StoreError: ``epoch`` is not greater than the last recorded one, a
+                field is not JSON-compatible, or not exactly one of ``agents``
+                and ``columns`` is given.
         """
         self._check_writable()
+        if (agents is None) == (columns is None):
+            raise StoreError("record_allocation takes one of agents and columns")
+        shares = agents if columns is None else columns
         row = {
             "epoch": _epoch(epoch),
             "ts": self._clock() if ts is None else ts,
@@ -376,7 +384,8 @@ class Store:
             "alpha": alpha,
             "budget": _encode(budget, f"budget of epoch {epoch}"),
             "prices": _encode(prices, f"prices of epoch {epoch}"),
-            "agents": _encode(agents, f"agents of epoch {epoch}"),
+            "agents": _encode(shares or {}, f"agents of epoch {epoch}"),
+            "layout": "by_agent" if columns is None else "columns",
         }
         with self._epoch_lock, self._sqlite_errors(f"record epoch {epoch}"):
             db = self._db()
@@ -779,7 +788,32 @@ def _encode(value: Mapping[str, Any], what: str, agent: str | None = None) -> st
 def _decode_allocation(row: dict[str, Any]) -> dict[str, Any]:
     for column in ("budget", "prices", "agents"):
         row[column] = json.loads(row[column])
+    if row.pop("layout") == "columns":
+        row["agents"] = shares_from_columns(row["agents"])
     return row
+
+
+def shares_from_columns(columns: Mapping[str, Sequence[Any]]) -> dict[str, Any]:
+    """Per-agent shares from the column layout of an epoch.
+
+    ``columns["agent"]`` names the agents and ``columns["resources"]`` the
+    resources; every other column holds one value per agent, in that order.
+    A value that is a list is one amount per resource and becomes a
+    ``{resource: amount}`` object; ``None`` and ``False`` are left out (an
+    unknown expected accuracy, an agent that is not away).
+    """
+    resources = columns["resources"]
+    fields = [(k, v) for k, v in columns.items() if k not in ("agent", "resources")]
+    shares: dict[str, Any] = {}
+    for row, agent in enumerate(columns["agent"]):
+        share = shares[agent] = {}
+        for name, values in fields:
+            value = values[row]
+            if isinstance(value, list):
+                share[name] = dict(zip(resources, value, strict=True))
+            elif value is not None and value is not False:
+                share[name] = value
+    return shares
 
 
 def _file_bytes(path: Path) -> int:

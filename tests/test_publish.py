@@ -190,14 +190,96 @@ def test_ledger_acknowledgement_releases_older_grants():
     assert (released, ledger.held(["a"], ["compute"])[0, 0]) == (True, 1.0)
 
 
-def test_ledger_lists_agents_slow_to_acknowledge():
-    """Agents that have not reported their latest epoch in time are listed."""
+def test_ledger_lists_agents_slow_to_acknowledge_once_per_grant():
+    """Agents that have not reported their latest epoch in time are listed once."""
     ledger = GrantLedger()
     ledger.grant("a", lease(3, {"compute": 1.0}, now=0.0))
     ledger.grant("b", lease(3, {"compute": 1.0}, now=0.0))
+    ledger.grant("c", lease(3, {"compute": 1.0}, now=0.0))
+    ledger.grant("c", lease(4, {"compute": 1.0}, now=10.0))
     ledger.acknowledge("b", 3)
 
-    assert ledger.unacknowledged(now=20.0, timeout=15.0) == ["a"]
+    first = ledger.newly_late(now=10.0, timeout=15.0)
+    late = ledger.newly_late(now=20.0, timeout=15.0)
+    again = ledger.newly_late(now=21.0, timeout=15.0)
+    replaced = ledger.newly_late(now=26.0, timeout=15.0)
+
+    assert (first, late, again, replaced) == ([], ["a"], [], ["c"])
+
+
+class ReferenceLedger:
+    """Every grant in one list, every question answered by a full scan."""
+
+    def __init__(self) -> None:
+        self.grants: dict[str, list[Grant]] = {}
+        self.acked: dict[str, int] = {}
+
+    def grant(self, agent: str, grant: Grant) -> None:
+        self.grants.setdefault(agent, []).append(grant)
+
+    def acknowledge(self, agent: str, epoch: int) -> None:
+        grants = self.grants.get(agent, [])
+        if grants:
+            self.acked[agent] = max(self.acked.get(agent, epoch), epoch)
+            kept = [g for g in grants if g.epoch >= epoch] or grants[-1:]
+            self.grants[agent] = kept
+
+    def expire(self, now: float) -> None:
+        for agent, grants in list(self.grants.items()):
+            self.grants[agent] = [g for g in grants if g.expires > now]
+            if not self.grants[agent]:
+                del self.grants[agent]
+                self.acked.pop(agent, None)
+
+    def late(self, now: float, timeout: float) -> set[str]:
+        return {
+            agent
+            for agent, grants in self.grants.items()
+            if self.acked.get(agent, -1) < grants[-1].epoch
+            and now - grants[-1].published_at > timeout
+        }
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.integers(0, 2**32 - 1))
+def test_ledger_sweeps_agree_with_a_full_scan(seed):
+    """Lapses and late agents found from the heaps match a scan of every grant.
+
+    With a small ``compact_slack`` the heaps are compacted many times.
+    """
+    rng = np.random.default_rng(seed)
+    ledger, reference = GrantLedger(compact_slack=8), ReferenceLedger()
+    agents = [f"a{i}" for i in range(20)]
+    reported: set[str] = set()
+    for step in range(1, 2500):
+        now = step * 0.1
+        agent = agents[rng.integers(len(agents))]
+        action = rng.integers(4)
+        if action <= 1:
+            grant = Grant(step, {"compute": float(rng.uniform(0, 2))}, now, now + 5.0)
+            ledger.grant(agent, grant)
+            reference.grant(agent, grant)
+            reported.discard(agent)
+        elif action == 2:
+            epoch = int(rng.integers(max(1, step - 30), step + 1))
+            ledger.acknowledge(agent, epoch)
+            reference.acknowledge(agent, epoch)
+        ledger.expire(now)
+        reference.expire(now)
+        newly = set(ledger.newly_late(now, timeout=1.5))
+        late = reference.late(now, timeout=1.5)
+        reported |= newly
+
+        assert set(ledger.agents()) == set(reference.grants)
+        assert newly <= late <= reported
+        if step % 25:
+            continue
+        assert len(ledger._lapses) <= 2 * sum(map(len, reference.grants.values())) + 9
+        for name in agents:
+            expected = max(
+                [0.0, *(g.cloud["compute"] for g in reference.grants.get(name, []))]
+            )
+            assert ledger.held([name], ["compute"])[0, 0] == expected
 
 
 def test_ledger_restore_keeps_counting_what_was_held():

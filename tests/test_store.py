@@ -166,6 +166,44 @@ def test_store_allocation_round_trip(store: Store) -> None:
     assert store.last_epoch() == 2
 
 
+def test_store_allocation_columns_read_back_by_agent(store: Store) -> None:
+    """Test an epoch written column by column reads back as one share per agent."""
+    by_agent = {
+        "a": {"cloud": {"compute": 1.0, "data": 0.5}, "epoch": 3, "away": True},
+        "b": {"cloud": {"compute": 2.0, "data": 0.0}, "epoch": 4, "expected": 0.7},
+    }
+    columns = {
+        "agent": ["a", "b"],
+        "resources": ["compute", "data"],
+        "cloud": [[1.0, 0.5], [2.0, 0.0]],
+        "epoch": [3, 4],
+        "away": [True, False],
+        "expected": [None, 0.7],
+    }
+    fields = allocation()
+    del fields["agents"]
+    store.record_allocation(1, ts=1.0, agents=by_agent, **fields)
+    store.record_allocation(2, ts=2.0, columns=columns, **fields)
+
+    first, second = store.allocation(1), store.allocation(2)
+
+    assert first is not None
+    assert second is not None
+    assert second["agents"] == first["agents"] == by_agent
+
+
+def test_store_allocation_needs_one_layout(store: Store) -> None:
+    """Test giving both layouts, or neither, is refused and records nothing."""
+    fields = allocation()
+    with pytest.raises(StoreError, match="one of agents and columns"):
+        store.record_allocation(1, columns={"agent": []}, **fields)
+    del fields["agents"]
+    with pytest.raises(StoreError, match="one of agents and columns"):
+        store.record_allocation(1, **fields)
+
+    assert store.last_epoch() == 0
+
+
 def test_store_empty_file_reads(store: Store) -> None:
     """Test a new file reads as empty rather than failing."""
     assert store.last_epoch() == 0
@@ -495,6 +533,7 @@ def test_store_upgrades_a_v1_file(path: Path) -> None:
     with Store(path, clock=FakeClock(2.0)) as store:
         rows = store.recent_telemetry("robot-1", 10)
         epoch = store.next_epoch()
+        upgraded = store.allocation(3)
         plan = store._db().execute(
             "EXPLAIN QUERY PLAN DELETE FROM telemetry WHERE received_at < 1"
         )
@@ -506,7 +545,9 @@ def test_store_upgrades_a_v1_file(path: Path) -> None:
     assert migration_rows(path) == [
         (1, "create_tables", 1.0),
         (2, "index_telemetry_received_at", 2.0),
+        (3, "allocation_layout", 2.0),
     ]
+    assert upgraded == {"epoch": 3, "ts": 1.0, **allocation()}
 
 
 def test_store_refuses_newer_schema(path: Path) -> None:
@@ -532,13 +573,14 @@ def test_store_refuses_foreign_history(path: Path) -> None:
 
 def test_store_failed_migration_rolls_back(path: Path) -> None:
     """Test a failing migration leaves no trace and the file at its old version."""
+    version = MIGRATIONS[-1].version + 1
     broken = Migration(
-        3, "broken", ("CREATE TABLE extra (a)", "CREATE TABLE extra (a)")
+        version, "broken", ("CREATE TABLE extra (a)", "CREATE TABLE extra (a)")
     )
     Store(path).close()
 
     with raw(path) as db:
-        with pytest.raises(StoreError, match=r"migration 3 \(broken\) failed"):
+        with pytest.raises(StoreError, match=rf"migration {version} \(broken\)"):
             migrate(db, (*MIGRATIONS, broken))
         tables = db.table_names()
         version = schema_version(db)
