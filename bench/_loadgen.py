@@ -272,6 +272,8 @@ class SimulatedAgent:
     # report never pairs one grant's epoch with another grant's amounts.
     grant: Grant | None = None
     checked: bool = False
+    # The epoch the agent's last report carried: a newer grant is unanswered.
+    reported: int | None = None
 
     def __post_init__(self) -> None:
         self.telemetry = self.topics.telemetry
@@ -368,6 +370,7 @@ class Generator:
             agent.take(grant.epoch, {}, math.inf)
             grant = agent.grant
             assert grant is not None
+        agent.reported = grant.epoch
         noise = self.rng.gauss(0.0, NOISE)
         accuracy = min(max(grant.level + noise, 0.01), 0.99)
         if agent.checked:
@@ -411,6 +414,21 @@ class Generator:
     def flush(self) -> None:
         for client in self.clients:
             client.flush()
+
+    def set_ack_mode(self, on: bool) -> None:
+        """Answer new grants at once from now on (or stop).
+
+        Grants that arrived since an agent's last report are answered too:
+        otherwise an agent granted just before the switch would wait for its
+        heartbeat, and growth with it.
+        """
+        self.ack_mode = on
+        self.beat_at = None
+        if on:
+            for name, agent in self.agents.items():
+                grant = agent.grant
+                if grant is not None and grant.epoch != agent.reported:
+                    self.acks.append(name)
 
     def wait_acked(self) -> None:
         """Block until the broker acknowledged everything published so far."""
@@ -549,8 +567,7 @@ def generator_main(
             replies.put({"stopped": spec.name, "sent": generator.sent})
             return
         if name == "ack_mode":
-            generator.ack_mode = bool(arguments["on"])
-            generator.beat_at = None
+            generator.set_ack_mode(bool(arguments["on"]))
             ack_rate = float(arguments["rate"])
             replies.put({"ack_mode": generator.ack_mode})
         elif name == "register":

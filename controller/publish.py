@@ -22,7 +22,10 @@ budget:
   once per transition rather than once per acknowledgement with a bit more
   each time;
 - changes smaller than the hysteresis band are not published at all, so small
-  refits and exploration noise do not cause a storm of messages.
+  refits and exploration noise do not cause a storm of messages; except a
+  shrink that growers are waiting for, which nothing else would free (an
+  agent kept a band's width above its target holds pool the target gives to
+  others).
 
 One case cannot be made safe by ordering: an operator who cuts a budget below
 what agents already hold. Shrinking allocations go out at once and the pool is
@@ -296,6 +299,15 @@ def plan_transition(
 
     moves = fresh | np.any(np.abs(target - current) > band, axis=1)
     wanted = np.where(moves[:, None], target, current)
+    # Agents left inside the band above their target keep pool the growers
+    # need, and no acknowledgement would ever free it: when the amounts
+    # wanted add up to more than a budget, those agents move to their target
+    # too, so that the transition can complete.
+    over = wanted.sum(axis=0) > budget * (1.0 + ROUNDING_MARGIN)
+    parked = ~moves & np.any((current > target) & over, axis=1)
+    if parked.any():
+        moves |= parked
+        wanted = np.where(moves[:, None], target, current)
 
     growth = np.maximum(wanted - held, 0.0)
     slack = np.maximum(budget - held.sum(axis=0), 0.0)
@@ -315,7 +327,11 @@ def plan_transition(
     share = np.where(share < 1.0, share * (1.0 - ROUNDING_MARGIN), 1.0)
     limited = np.where(wanted > held, held + whole + share * rest, wanted)
 
-    publish = fresh | np.any(np.abs(limited - current) > band, axis=1)
+    # A shrink smaller than the band still goes out when growers are short
+    # of that resource: it is pool they wait for.
+    short = growth.sum(axis=0) > slack
+    frees = moves & np.any((limited < current) & short, axis=1)
+    publish = fresh | frees | np.any(np.abs(limited - current) > band, axis=1)
     cloud = np.where(publish[:, None], limited, current)
     complete = not np.any(np.abs(cloud - target) > band)
     after = np.maximum(held, cloud).sum(axis=0)

@@ -108,6 +108,47 @@ def test_plan_transition_completes_when_growth_exceeds_slack_by_rounding():
     assert np.all(np.maximum(held, step.cloud).sum(axis=0) <= budget)
 
 
+@settings(max_examples=300, deadline=None)
+@given(
+    seed=st.integers(0, 2**32 - 1),
+    agents=st.integers(2, 30),
+    hysteresis=st.sampled_from([0.01, 0.05, 0.2]),
+)
+def test_plan_transition_completes_once_everyone_acknowledges(seed, agents, hysteresis):
+    """Stepping to a target that fills the budget ends in a few steps.
+
+    Agents acknowledge every step before the next, so nothing else can free
+    pool: a transition that is not complete by then would wait forever.
+    """
+    rng = np.random.default_rng(seed)
+    budget = rng.uniform(0.5, 10.0, size=2)
+    current = feasible(rng, agents, budget)
+    target = feasible(rng, agents, budget)
+    target[-1] = budget - target[:-1].sum(axis=0)  # fills the budget, as solved
+
+    for _ in range(4):
+        step = plan_transition(budget, target, current, current, hysteresis=hysteresis)
+        assert np.all(np.maximum(current, step.cloud).sum(axis=0) <= budget + 1e-9)
+        current = step.cloud
+        if step.complete:
+            break
+
+    assert step.complete
+
+
+def test_plan_transition_shrinks_agents_parked_above_target_for_growers():
+    """An agent a band's width above its target is shrunk when growth needs it."""
+    budget = np.array([10.0])
+    current = np.array([[5.04], [4.96]])
+    target = np.array([[4.5], [5.5]])
+
+    step = plan_transition(budget, target, current, current, hysteresis=0.1)
+    after = plan_transition(budget, target, step.cloud, step.cloud, hysteresis=0.1)
+
+    assert step.publish.tolist() == [True, False]
+    assert after.complete
+
+
 def test_plan_transition_skips_moves_inside_hysteresis_band():
     """Tiny changes are not published; large ones are."""
     budget = np.array([10.0, 10.0])
