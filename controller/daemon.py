@@ -63,10 +63,11 @@ from schemas import Kind, Topics
 
 # Largest number of messages handled before the loop looks at its deadlines.
 BATCH = 500
-# The sweeps over every agent (lapsed grants, late acknowledgements, agents
-# gone too long) run at most this often, not after every batch: at 10,000
-# agents a sweep costs milliseconds. Dropping a lapsed grant late only keeps
-# the pool accounting conservative a little longer.
+# The sweeps (lapsed grants, late acknowledgements, agents gone too long) run
+# at most this often, not after every batch. Each looks only at what has come
+# due (the ledger keeps grants in time order), so its cost does not grow with
+# the fleet; dropping a lapsed grant late only keeps the pool accounting
+# conservative a little longer.
 SWEEP_INTERVAL_S = 0.25
 # A cycle that took T seconds is followed by at least CYCLE_SPACING * T seconds
 # for telemetry before the next one that is not urgent: at 10,000 agents a
