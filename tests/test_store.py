@@ -172,7 +172,7 @@ def test_store_allocation_columns_read_back_by_agent(store: Store) -> None:
         "a": {"cloud": {"compute": 1.0, "data": 0.5}, "epoch": 3, "away": True},
         "b": {"cloud": {"compute": 2.0, "data": 0.0}, "epoch": 4, "expected": 0.7},
     }
-    columns = {
+    columns: dict[str, list[Any]] = {
         "agent": ["a", "b"],
         "resources": ["compute", "data"],
         "cloud": [[1.0, 0.5], [2.0, 0.0]],
