@@ -18,10 +18,12 @@ allocation topic goes through this one session, so the broker keeps it in
 order.
 
 The publisher is a child of the daemon (see :mod:`controller._child`), with a
-session of its own (its own client id): what is queued while the broker is
-away is sent when it is back, like any persistent session's. Nothing bounds
-that queue, as paho's default; the grants it holds are already counted by
-the daemon's ledger, so a late one can never over-commit the pool.
+session of its own (its own client id). While the broker is away it keeps
+only the newest message of each topic (:class:`Outbox`) and sends them when
+the session is back: an epoch per reallocation would otherwise pile up in
+paho's queue, each superseding the one before. The grants it holds are
+already counted by the daemon's ledger, so a late one can never over-commit
+the pool.
 """
 
 from __future__ import annotations
@@ -45,6 +47,9 @@ from schemas import Kind, Topics
 
 # How long closing waits for the broker to acknowledge what is still queued.
 DRAIN_TIMEOUT_S = 2.0
+# How often, while messages are held for a broker that is away, the
+# publisher looks whether it is back.
+HELD_CHECK_S = 0.1
 
 # The fleet summary lists every agent (about 100 bytes each), so it may exceed
 # the 64 KiB limit of device messages; see deploy/mosquitto/mosquitto.conf.
@@ -184,28 +189,68 @@ def publish_main(
     client = report_start(conn, start)
     if client is None:
         return
-    last: paho.MQTTMessageInfo | None = None
+    outbox = Outbox(client)
     try:
         while True:
-            batch = _next(conn, parent)
+            batch = _next(conn, parent, outbox)
             if batch is None:
                 break
             if isinstance(batch, EpochShares):
                 # Each grant goes out as soon as it is built; the summary last.
-                for topic, payload, retain in batch.allocations(topics):
-                    last = client.publish(topic, payload, qos=1, retain=retain)
+                for message in batch.allocations(topics):
+                    outbox.send(*message)
                 batch = [batch.summary(topics)]
-            for topic, payload, retain in batch:
-                last = client.publish(topic, payload, qos=1, retain=retain)
-        _drain(last)
+            for message in batch:
+                outbox.send(*message)
+        outbox.flush()
+        _drain(outbox.last)
     finally:
         client.disconnect()
         client.loop_stop()
 
 
-def _next(conn: Connection, parent: int) -> EpochShares | list[Outgoing] | None:
-    """The next list to publish; None to stop (asked, or the daemon is gone)."""
-    while not conn.poll(PARENT_CHECK_S):
+class Outbox:
+    """Publish at QoS 1; while the broker is away, hold the newest per topic.
+
+    Messages for a topic supersede each other (retained allocations, the
+    fleet summary, the empty payload that clears an allocation), so holding
+    the newest of each bounds what waits to one message per agent. Held
+    messages go out in the order their topics were last written, once the
+    session is back, after anything paho itself still had queued; so each
+    topic keeps its order.
+    """
+
+    def __init__(self, client: paho.Client) -> None:
+        self.client = client
+        self.held: dict[str, Outgoing] = {}
+        self.last: paho.MQTTMessageInfo | None = None
+
+    def send(self, topic: str, payload: bytes, retain: bool) -> None:
+        if self.held or not self.client.is_connected():
+            self.held.pop(topic, None)  # the newest goes to the end
+            self.held[topic] = (topic, payload, retain)
+            return
+        self.last = self.client.publish(topic, payload, qos=1, retain=retain)
+
+    def flush(self) -> None:
+        """Publish what is held, if the broker is back."""
+        if not self.held or not self.client.is_connected():
+            return
+        held, self.held = self.held, {}
+        for topic, payload, retain in held.values():
+            self.last = self.client.publish(topic, payload, qos=1, retain=retain)
+
+
+def _next(
+    conn: Connection, parent: int, outbox: Outbox
+) -> EpochShares | list[Outgoing] | None:
+    """The next list to publish; None to stop (asked, or the daemon is gone).
+
+    While waiting, sends what the outbox held once the broker is back.
+    """
+    outbox.flush()
+    while not conn.poll(HELD_CHECK_S if outbox.held else PARENT_CHECK_S):
+        outbox.flush()
         if parent_gone(parent):
             return None
     try:

@@ -102,6 +102,30 @@ def test_publisher_close_waits_for_what_is_queued(broker):
     assert not publisher.process.is_alive()
 
 
+def test_publisher_holds_only_the_newest_per_topic_while_the_broker_is_away(broker):
+    """Thirty rounds handed over while the broker is down go out as one each."""
+    publisher = Publisher(BrokerOptions(broker.url), "test-publisher", "lab")
+    publisher.wait_ready()
+    broker.stop()
+    time.sleep(0.5)  # paho notices the closed connection
+    for round_ in range(1, 31):
+        publisher.send(
+            [(TOPIC.format(f"a{i}"), str(round_).encode(), True) for i in range(3)]
+        )
+    time.sleep(0.5)  # the publisher has taken in every round
+    broker.start()
+    listener = Listener(broker.host, broker.port, TOPIC.format("+"))
+    try:
+        listener.wait_for(3, timeout=20.0)
+        time.sleep(0.5)  # anything more would have followed at once
+    finally:
+        publisher.close()
+        listener.close()
+
+    received = [(topic, payload) for topic, payload, _ in listener.received]
+    assert received == [(TOPIC.format(f"a{i}"), b"30") for i in range(3)]
+
+
 def test_publisher_reports_a_broker_it_cannot_reach(broker):
     """A wrong address surfaces as the broker error, and sending then fails."""
     url = f"mqtt://127.0.0.1:{broker.port}"
