@@ -77,6 +77,10 @@ CYCLE_SPACING = 3.0
 # Learners rebuilt from their saved state per loop step after a restart:
 # about 0.1 s of work, so telemetry keeps flowing meanwhile.
 REBUILD_SLICE = 500
+# Learner states serialised per loop step once a save is due: at 10,000
+# agents all of them take about 0.6 s, a pause a budget change would wait
+# behind.
+SAVE_SLICE = 1000
 # Agents named in one late-acknowledgement warning; the rest are counted.
 LATE_AGENTS_LOGGED = 5
 # Longest the loop sleeps when nothing is due, so shutdown stays prompt.
@@ -241,8 +245,10 @@ class Controller:
         # The earliest time for the next cycle that is not urgent.
         self.next_cycle_at = -math.inf
         self.last_fit_check_at = -math.inf
-        # Agents whose learner changed since their state was last queued.
+        # Agents whose learner changed since their state was last queued, and
+        # those of the save under way, queued a slice per loop step.
         self.dirty: set[str] = set()
+        self.saving: list[str] = []
         # Agents that reported since their fit was last compared with the
         # accuracy their allocation was expected to give.
         self.refit: set[str] = set()
@@ -657,8 +663,11 @@ class Controller:
         # An agent reporting many times a second costs one state write per
         # interval, not one per report.
         if now >= self.last_saved_at + self.config.learner_save_interval:
-            self.save_learners()
+            self.saving.extend(self.dirty)
+            self.dirty = set()
             self.last_saved_at = now
+        if self.saving:
+            self._save_slice(SAVE_SLICE)
         spaced = now >= self.next_cycle_at or self.triggers.urgent
         if now >= self.triggers.due_at() and spaced:
             trigger = self.triggers.take()
@@ -1071,11 +1080,17 @@ class Controller:
     # -- state -------------------------------------------------------------
 
     def save_learners(self) -> None:
-        """Queue the state of every learner that changed since the last save."""
-        changed, self.dirty = self.dirty, set()
+        """Queue the state of every learner that changed since its last save."""
+        self.saving.extend(self.dirty)
+        self.dirty = set()
+        self._save_slice(len(self.saving))
+
+    def _save_slice(self, most: int) -> None:
+        """Queue the states of up to ``most`` agents of the save under way."""
+        chosen, self.saving = self.saving[:most], self.saving[most:]
         if self._learner is None:
             return
-        for agent in changed:
+        for agent in chosen:
             if agent in self._learner:
                 self.store.save_learner_state(agent, self._learner.agent_state(agent))
 

@@ -228,6 +228,24 @@ def test_sweep_stops_the_daemon_once_the_publisher_has_gone(controller, clock, b
     controller.publisher.close()
 
 
+def test_learner_states_are_saved_a_slice_per_step(controller, clock, monkeypatch):
+    """A due save queues a slice of the changed learners per loop step, not all."""
+    monkeypatch.setattr("controller.daemon.SAVE_SLICE", 3)
+    controller.receive(TOPICS.budget, budget_payload(BUDGET), clock.now)
+    agents = [f"a{i}" for i in range(8)]
+    for agent in agents:
+        topic = TOPICS.for_agent(agent).telemetry
+        controller.receive(topic, report(agent, 1, 0.5, clock), clock.now)
+    saved = []
+    for _ in range(4):
+        clock.now += 0.01
+        controller.housekeeping(clock.now)
+        controller.store.flush()
+        saved.append(len(controller.store.learner_states()))
+
+    assert saved == [3, 6, 8, 8]
+
+
 def test_restart_republishes_the_record_before_rebuilding_learners(
     controller, clock, tmp_path
 ):
