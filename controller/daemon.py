@@ -74,14 +74,6 @@ SWEEP_INTERVAL_S = 0.25
 # cycle takes seconds, and fits that move somewhere in the fleet every few
 # seconds would otherwise keep the loop in cycles and its inbox growing.
 CYCLE_SPACING = 3.0
-# Reallocations for refits and ticks also wait for the work the last cycle
-# handed on: each allocation it published costs the publisher and the broker
-# about this much (bench/bench_controller.py), and comes back as an
-# acknowledgement to handle. At 10,000 agents a refit republishes most of the
-# fleet while the learners are young; without this, refits every second or
-# two took a quarter of the loop from telemetry.
-PUBLISH_COST_S = 150e-6
-REFITS = frozenset({"fit", "tick"})
 # Learners rebuilt from their saved state per loop step after a restart:
 # about 0.1 s of work, so telemetry keeps flowing meanwhile.
 REBUILD_SLICE = 500
@@ -250,11 +242,8 @@ class Controller:
         self.last_cycle_at = -math.inf
         self.last_saved_at = -math.inf
         self.last_sweep_at = -math.inf
-        # The earliest time for the next cycle that is not urgent, and for the
-        # next one only for refits and ticks; allocations the last published.
+        # The earliest time for the next cycle that is not urgent.
         self.next_cycle_at = -math.inf
-        self.next_refit_at = -math.inf
-        self.published = 0
         self.last_fit_check_at = -math.inf
         # Agents whose learner changed since their state was last queued, and
         # those of the save under way, queued a slice per loop step.
@@ -429,8 +418,6 @@ class Controller:
         )
         if not self.triggers.urgent:
             due = max(due, self.next_cycle_at)
-        if self.triggers.reasons <= REFITS:
-            due = max(due, self.next_refit_at)
         return min(IDLE_S, max(0.0, due - self.clock()))
 
     def step(self, wait: float) -> None:
@@ -682,21 +669,15 @@ class Controller:
         if self.saving:
             self._save_slice(SAVE_SLICE)
         spaced = now >= self.next_cycle_at or self.triggers.urgent
-        refits_only = self.triggers.reasons <= REFITS
-        if refits_only and now < self.next_refit_at:
-            spaced = False
         if now >= self.triggers.due_at() and spaced:
             trigger = self.triggers.take()
             started = time.perf_counter()
-            self.published = 0
             try:
                 self.cycle(trigger, now)
             except Exception:
                 self.log.exception("cycle_failed", trigger=trigger, epoch=self.epoch)
             took = time.perf_counter() - started
             self.next_cycle_at = self.clock() + CYCLE_SPACING * took
-            handed_on = took + PUBLISH_COST_S * self.published
-            self.next_refit_at = self.clock() + CYCLE_SPACING * handed_on
         if self.rebuilding:
             self._rebuild_learners(now)
 
@@ -1045,7 +1026,6 @@ class Controller:
             grant = Grant(self.epoch, amounts, shares.ts, expires[row])
             self.ledger.grant(shares.agents[row], grant)
         self._send(shares)
-        self.published += len(rows)
         self.metrics.allocations_published.inc(len(rows))
 
     def _send(self, outgoing: EpochShares | list[Outgoing]) -> None:

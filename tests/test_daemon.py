@@ -246,28 +246,6 @@ def test_learner_states_are_saved_a_slice_per_step(controller, clock, monkeypatc
     assert saved == [3, 6, 8, 8]
 
 
-def test_refits_wait_for_what_the_last_cycle_published(controller, clock, monkeypatch):
-    """A refit waits in proportion to the allocations last published; a join not."""
-    monkeypatch.setattr("controller.daemon.PUBLISH_COST_S", 1.0)
-    controller.receive(TOPICS.budget, budget_payload(BUDGET), clock.now)
-    for agent in ("a0", "a1", "a2", "a3"):
-        topic = TOPICS.for_agent(agent).telemetry
-        controller.receive(topic, report(agent, 1, 0.5, clock), clock.now)
-    controller.housekeeping(clock.now)  # the budget's cycle grants all four
-    published, granted_at = controller.published, controller.last_cycle_at
-
-    controller.triggers.add("fit", clock.now)
-    clock.now += 2.0  # past the debounce and the plain spacing, not 3 x 4 s
-    controller.housekeeping(clock.now)
-    fit_waited = controller.last_cycle_at == granted_at
-    controller.triggers.add("join", clock.now)
-    clock.now += 2.0
-    controller.housekeeping(clock.now)
-    join_ran = controller.last_cycle_at > granted_at
-
-    assert (published, fit_waited, join_ran) == (4, True, True)
-
-
 def test_restart_republishes_the_record_before_rebuilding_learners(
     controller, clock, tmp_path
 ):
