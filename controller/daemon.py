@@ -101,8 +101,6 @@ INBOX_LIMIT = 400
 class AgentInfo:
     """What the loop knows of one agent besides its learner and its grants."""
 
-    online: bool = True
-    offline_since: float | None = None
     model: str | None = None
     load: float | None = None
     expected_accuracy: float | None = None
@@ -254,8 +252,9 @@ class Controller:
         self.refit: set[str] = set()
         # Agents already warned about for not acknowledging their latest grant.
         self.late: set[str] = set()
-        # Agents offline and still in the fleet: the sweep looks only at these.
-        self.offline: set[str] = set()
+        # Agents offline but still in the fleet, and since when: the sweep
+        # looks only at these.
+        self.offline: dict[str, float] = {}
         # Each agent's exploration draw (standard normals), held between ticks.
         self.draws: dict[str, np.ndarray] = {}
         # During a transition: agents whose acknowledgement growth waits for.
@@ -560,11 +559,8 @@ class Controller:
         if status.state == "online":
             self._join(status.agent, status.model, now)
             return
-        info = self.agents.get(status.agent)
-        if info is not None and info.online:
-            info.online = False
-            info.offline_since = now
-            self.offline.add(status.agent)
+        if status.agent in self.agents and status.agent not in self.offline:
+            self.offline[status.agent] = now
             self.store.set_agent_state(status.agent, "offline")
             self.log.info("agent_offline", agent=status.agent)
 
@@ -574,9 +570,7 @@ class Controller:
             info = self.agents[agent] = AgentInfo(model=model)
             self.triggers.add("join", now)
             self.log.info("agent_joined", agent=agent, model=model)
-        elif not info.online:
-            info.online, info.offline_since = True, None
-            self.offline.discard(agent)
+        elif self.offline.pop(agent, None) is not None:
             self.triggers.add("join", now)
             self.log.info("agent_back", agent=agent)
         if model is not None:
@@ -663,8 +657,7 @@ class Controller:
         # An agent reporting many times a second costs one state write per
         # interval, not one per report.
         if now >= self.last_saved_at + self.config.learner_save_interval:
-            self.saving.extend(self.dirty)
-            self.dirty = set()
+            self._start_save()
             self.last_saved_at = now
         if self.saving:
             self._save_slice(SAVE_SLICE)
@@ -729,15 +722,14 @@ class Controller:
                 agents=sorted(late)[:LATE_AGENTS_LOGGED],
                 epoch=self.epoch,
             )
-        for agent in list(self.offline):
-            since = self.agents[agent].offline_since
-            if since is not None and now - since >= self.config.offline_grace:
+        for agent, since in list(self.offline.items()):
+            if now - since >= self.config.offline_grace:
                 self._leave(agent, now)
 
     def _leave(self, agent: str, now: float) -> None:
         """Stop allocating to ``agent``; its last grant counts until it expires."""
         self.agents.pop(agent, None)
-        self.offline.discard(agent)
+        self.offline.pop(agent, None)
         self.draws.pop(agent, None)
         if self._learner is not None:
             self._learner.remove_agent(agent)
@@ -762,7 +754,7 @@ class Controller:
         re-solving each time would never let a transition finish.
         """
         self.last_cycle_at = now
-        active = [a for a, info in self.agents.items() if info.online]
+        active = [a for a in self.agents if a not in self.offline]
         if self.budget is None or not active or self._learner is None:
             return
         started = time.perf_counter()
@@ -980,10 +972,15 @@ class Controller:
         Written column by column: for 10,000 agents, building and encoding
         one object per agent took a quarter of a second per cycle.
         """
-        expected = shares.expected.tolist()
         away = shares.away.tolist()
-        for agent, value, gone in zip(shares.agents, expected, away, strict=True):
-            if not gone and not math.isnan(value):
+        known: list[float | None] = []
+        for agent, value, gone in zip(
+            shares.agents, shares.expected.tolist(), away, strict=True
+        ):
+            if gone or math.isnan(value):
+                known.append(None)
+            else:
+                known.append(value)
                 self.agents[agent].expected_accuracy = value
         columns = {
             "agent": shares.agents,
@@ -993,10 +990,7 @@ class Controller:
             "published_at": shares.published_at.tolist(),
             "expires": shares.expires.tolist(),
             "held": shares.held.tolist(),
-            "expected_accuracy": [
-                None if math.isnan(value) or gone else value
-                for value, gone in zip(expected, away, strict=True)
-            ],
+            "expected_accuracy": known,
             "away": away,
         }
         self.store.record_allocation(
@@ -1081,9 +1075,13 @@ class Controller:
 
     def save_learners(self) -> None:
         """Queue the state of every learner that changed since its last save."""
+        self._start_save()
+        self._save_slice(len(self.saving))
+
+    def _start_save(self) -> None:
+        """Add the learners changed since the last save to the save under way."""
         self.saving.extend(self.dirty)
         self.dirty = set()
-        self._save_slice(len(self.saving))
 
     def _save_slice(self, most: int) -> None:
         """Queue the states of up to ``most`` agents of the save under way."""

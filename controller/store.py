@@ -374,9 +374,13 @@ class Store:
                 and ``columns`` is given.
         """
         self._check_writable()
-        if (agents is None) == (columns is None):
+        shares: Mapping[str, Any]
+        if agents is not None and columns is None:
+            shares, layout = agents, "by_agent"
+        elif columns is not None and agents is None:
+            shares, layout = columns, "columns"
+        else:
             raise StoreError("record_allocation takes one of agents and columns")
-        shares = agents if columns is None else columns
         row = {
             "epoch": _epoch(epoch),
             "ts": self._clock() if ts is None else ts,
@@ -384,8 +388,8 @@ class Store:
             "alpha": alpha,
             "budget": _encode(budget, f"budget of epoch {epoch}"),
             "prices": _encode(prices, f"prices of epoch {epoch}"),
-            "agents": _encode(shares or {}, f"agents of epoch {epoch}"),
-            "layout": "by_agent" if columns is None else "columns",
+            "agents": _encode(shares, f"agents of epoch {epoch}"),
+            "layout": layout,
         }
         with self._epoch_lock, self._sqlite_errors(f"record epoch {epoch}"):
             db = self._db()
