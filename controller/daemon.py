@@ -55,7 +55,13 @@ from controller.learn import FleetLearner
 from controller.logs import excerpt
 from controller.metrics import ControllerMetrics
 from controller.problem import Problem
-from controller.publish import Grant, GrantLedger, Transition, plan_transition
+from controller.publish import (
+    HELD_TOLERANCE,
+    Grant,
+    GrantLedger,
+    Transition,
+    plan_transition,
+)
 from controller.publisher import EpochShares, Outgoing, Publisher
 from controller.receiver import Message, Receiver
 from controller.store import Store
@@ -135,6 +141,7 @@ class Holdings:
     active: int
     held: np.ndarray  # (N, R): the most each may be using
     current: np.ndarray  # (N, R): its latest grant
+    latest: list[Grant | None]  # (N,): that grant, None for an agent without
 
     @property
     def away(self) -> list[str]:
@@ -521,7 +528,8 @@ class Controller:
             released = self.ledger.acknowledge(report.agent, report.epoch)
             self.late.discard(report.agent)
             if released and not self.transition_complete:
-                self.blocking.discard(report.agent)
+                if not self.ledger.switching(report.agent):
+                    self.blocking.discard(report.agent)
                 self.triggers.add("ack", now, urgent=not self.blocking)
 
     def check_fits(self, now: float) -> None:
@@ -782,7 +790,7 @@ class Controller:
             held,
             holdings.current[:n],
             hysteresis=self.config.hysteresis,
-            new_agents=np.array([self._needs_grant(a, now) for a in active]),
+            new_agents=self._needs_grant(holdings.latest[:n], now),
         )
         self._follow(step, target, active, held, now)
         if not step.publish.any() and "restart" not in trigger:
@@ -812,7 +820,7 @@ class Controller:
         """
         self.transition_complete = step.complete
         self.target = None if step.complete else target
-        holding = np.flatnonzero((held > step.cloud * (1 + 1e-12)).any(axis=1))
+        holding = np.flatnonzero((held > step.cloud * (1 + HELD_TOLERANCE)).any(axis=1))
         rows = [] if step.complete else holding.tolist()
         self.blocking = {active[row] for row in rows}
         if step.complete and self.fit_deferred:
@@ -891,22 +899,17 @@ class Controller:
                 self.draws[agent] = self.rng.standard_normal(size)
         return np.array([self.draws[agent] for agent in active]).reshape(-1, size)
 
-    def _needs_grant(self, agent: str, now: float) -> bool:
+    def _needs_grant(self, latest: list[Grant | None], now: float) -> np.ndarray:
         """No live grant, or one past half its lease: publish (renew) it now."""
-        latest = self.ledger.latest(agent)
-        renew_at = self.config.grant_lease / 2
-        return latest is None or latest.expires - now < renew_at
+        renew_by = now + self.config.grant_lease / 2
+        return np.array([g is None or g.expires < renew_by for g in latest], bool)
 
     def _holdings(self, active: list[str]) -> Holdings:
         present = set(active)
         away = sorted(a for a in self.ledger.agents() if a not in present)
         agents = active + away
-        return Holdings(
-            agents=agents,
-            active=len(active),
-            held=self.ledger.held(agents, self.resources),
-            current=self.ledger.current(agents, self.resources),
-        )
+        view = self.ledger.view(agents, self.resources)
+        return Holdings(agents, len(active), view.held, view.current, view.latest)
 
     def _available_budget(self, holdings: Holdings) -> np.ndarray:
         """The budget minus what agents offline (but within grace) still hold."""
@@ -943,7 +946,7 @@ class Controller:
         lease = self.config.grant_lease
         away = np.arange(len(agents)) >= n
         publish = np.concatenate([step.publish, np.zeros(len(agents) - n, bool)])
-        latest = [self.ledger.latest(agent) for agent in agents]
+        latest = holdings.latest
         old = [g if g is not None else Grant(self.epoch, {}, now, now) for g in latest]
         new = publish | np.array([g is None for g in latest], dtype=bool)
         cloud = np.vstack([step.cloud, holdings.current[n:]])
@@ -982,16 +985,16 @@ class Controller:
             else:
                 known.append(value)
                 self.agents[agent].expected_accuracy = value
-        columns = {
+        columns: dict[str, list[Any] | np.ndarray] = {
             "agent": shares.agents,
             "resources": list(shares.resources),
-            "cloud": shares.cloud.tolist(),
-            "epoch": shares.epochs.tolist(),
-            "published_at": shares.published_at.tolist(),
-            "expires": shares.expires.tolist(),
-            "held": shares.held.tolist(),
+            "cloud": shares.cloud,
+            "epoch": shares.epochs,
+            "published_at": shares.published_at,
+            "expires": shares.expires,
+            "held": shares.held,
             "expected_accuracy": known,
-            "away": away,
+            "away": shares.away,
         }
         self.store.record_allocation(
             self.epoch,

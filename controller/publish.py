@@ -51,6 +51,9 @@ COMPACT_SLACK = 1024
 # Relative margin kept free when slack is shared out, so that summing the
 # grants in a different order can never show a total above the budget.
 ROUNDING_MARGIN = 1e-9
+# An agent holds more than a grant gives it when some amount exceeds the
+# grant's by more than this relative margin (rounding is not holding).
+HELD_TOLERANCE = 1e-12
 
 
 @dataclass
@@ -95,6 +98,15 @@ class AgentGrants:
         for grant in grants:
             for resource, amount in grant.cloud.items():
                 self.most[resource] = max(self.most.get(resource, 0.0), amount)
+
+
+@dataclass(frozen=True)
+class LedgerView:
+    """Some agents' rows of the ledger, in the order asked for."""
+
+    held: FloatArray  # (N, R): the most each may be using (0 without a grant)
+    current: FloatArray  # (N, R): its latest grant (0 without one)
+    latest: list[Grant | None]
 
 
 class GrantLedger:
@@ -175,6 +187,23 @@ class GrantLedger:
             entry.keep(kept)
         return released
 
+    def switching(self, agent: str) -> bool:
+        """True while ``agent`` may hold more of something than its latest grant.
+
+        An acknowledgement of an older epoch releases the grants before it
+        but can leave one larger than the latest: the agent is still on its
+        way down, and growth that waits for its pool must go on waiting.
+        """
+        entry = self._agents.get(agent)
+        latest = entry.latest if entry else None
+        if entry is None or latest is None:
+            return False
+        granted = latest.cloud
+        return any(
+            amount > granted.get(resource, 0.0) * (1.0 + HELD_TOLERANCE)
+            for resource, amount in entry.most.items()
+        )
+
     def expire(self, now: float) -> bool:
         """Drop every grant whose lease has ended; True if any was dropped."""
         released = False
@@ -227,14 +256,15 @@ class GrantLedger:
 
     def _compact(self) -> None:
         """Drop heap entries whose grant has gone (amortised: O(1) per grant)."""
-        agents = self._agents
-        self._lapses = [
-            (expires, agent)
-            for expires, agent in self._lapses
-            if agent in agents
-            and any(g.expires == expires for g in agents[agent].grants)
-        ]
-        self._unacked = [e for e in self._unacked if self._waiting(e[1], e[2])]
+        lapsing: set[tuple[float, str]] = set()
+        waiting: set[tuple[str, int]] = set()
+        for agent, entry in self._agents.items():
+            lapsing.update((g.expires, agent) for g in entry.grants)
+            latest, acked = entry.latest, entry.acknowledged_epoch
+            if latest is not None and (acked is None or acked < latest.epoch):
+                waiting.add((agent, latest.epoch))
+        self._lapses = [e for e in self._lapses if e in lapsing]
+        self._unacked = [e for e in self._unacked if (e[1], e[2]) in waiting]
         heapq.heapify(self._lapses)
         heapq.heapify(self._unacked)
 
@@ -245,22 +275,34 @@ class GrantLedger:
 
     def held(self, agents: Sequence[str], resources: Sequence[str]) -> FloatArray:
         """Per agent and resource, the most it may be using: the max of its grants."""
-        nothing: dict[str, float] = {}
-        rows = []
-        for agent in agents:
-            entry = self._agents.get(agent)
-            most = entry.most if entry else nothing
-            rows.append([max(most.get(r, 0.0), 0.0) for r in resources])
-        return _matrix(rows, len(resources))
+        return self.view(agents, resources).held
 
     def current(self, agents: Sequence[str], resources: Sequence[str]) -> FloatArray:
         """Per agent and resource, the latest live grant (0 if none)."""
-        rows = []
+        return self.view(agents, resources).current
+
+    def view(self, agents: Sequence[str], resources: Sequence[str]) -> LedgerView:
+        """What :meth:`held`, :meth:`current` and :meth:`latest` give, in one pass.
+
+        A cycle reads this for every agent of the fleet, so it walks the
+        ledger once.
+        """
+        entries = self._agents
+        zeros = [0.0] * len(resources)
+        held, current, latest = [], [], []
         for agent in agents:
-            latest = self.latest(agent)
-            cloud = latest.cloud if latest is not None else {}
-            rows.append([cloud.get(r, 0.0) for r in resources])
-        return _matrix(rows, len(resources))
+            entry = entries.get(agent)
+            grant = entry.grants[-1] if entry and entry.grants else None
+            latest.append(grant)
+            if entry is None or grant is None:
+                held.append(zeros)
+                current.append(zeros)
+                continue
+            most, cloud = entry.most, grant.cloud
+            held.append([max(most.get(r, 0.0), 0.0) for r in resources])
+            current.append([cloud.get(r, 0.0) for r in resources])
+        width = len(resources)
+        return LedgerView(_matrix(held, width), _matrix(current, width), latest)
 
     def total_held(self, resources: Iterable[str]) -> dict[str, float]:
         names = list(resources)

@@ -21,6 +21,7 @@ from controller.broker import BrokerOptions
 from controller.config import ControllerConfig
 from controller.daemon import BATCH, Controller, Triggers
 from controller.errors import FairsynergyError
+from controller.publish import Grant
 from controller.publisher import Publisher
 from controller.store import Store
 from schemas import Kind, Topics
@@ -214,6 +215,31 @@ def test_controller_spaces_cycles_by_their_cost_unless_urgent(controller, clock)
     assert after_fit == first
     assert controller.epoch > first
     assert not controller.triggers.reasons  # the budget's cycle took the fit along
+
+
+def test_acknowledging_an_older_epoch_keeps_a_shrinking_agent_blocking(
+    controller, clock
+):
+    """Growth waits for an agent until it acknowledges its latest shrink."""
+    controller.receive(TOPICS.budget, budget_payload(BUDGET), clock.now)
+    for agent in ("a1", "a2"):
+        topic = TOPICS.for_agent(agent).telemetry
+        controller.receive(topic, report(agent, 1, 0.5, clock), clock.now)
+    controller.transition_complete = False
+    controller.blocking = {"a1", "a2"}
+    for epoch, compute in ((1, 3.0), (2, 2.0), (3, 1.0)):
+        grant = Grant(epoch, {"compute": compute}, clock.now, clock.now + 60.0)
+        controller.ledger.grant("a1", grant)
+    topic = TOPICS.for_agent("a1").telemetry
+    controller.triggers.take()
+
+    controller.receive(topic, report("a1", 2, 0.5, clock, epoch=2), clock.now)
+    after_older = (set(controller.blocking), "ack" in controller.triggers.reasons)
+    controller.receive(topic, report("a1", 3, 0.5, clock, epoch=3), clock.now)
+
+    assert after_older == ({"a1", "a2"}, True)  # pool was freed, a1 still shrinks
+    assert controller.blocking == {"a2"}
+    assert not controller.triggers.urgent  # a2 has not acknowledged yet
 
 
 def test_sweep_stops_the_daemon_once_the_publisher_has_gone(controller, clock, broker):

@@ -231,6 +231,26 @@ def test_ledger_acknowledgement_releases_older_grants():
     assert (released, ledger.held(["a"], ["compute"])[0, 0]) == (True, 1.0)
 
 
+def test_ledger_switching_until_nothing_above_the_latest_grant_is_held():
+    """Acknowledging a middle epoch can leave the agent above its latest grant."""
+    ledger = GrantLedger()
+    ledger.grant("a", lease(1, {"compute": 5.0, "data": 1.0}))
+    ledger.grant("a", lease(2, {"compute": 3.0, "data": 1.0}))
+    ledger.grant("a", lease(3, {"compute": 1.0, "data": 1.0}))
+    ledger.grant("b", lease(1, {"compute": 1.0}))
+    ledger.grant("b", lease(2, {"compute": 4.0}))
+
+    states = [ledger.switching("a")]
+    ledger.acknowledge("a", 2)
+    states.append(ledger.switching("a"))
+    ledger.acknowledge("a", 3)
+    states.append(ledger.switching("a"))
+
+    assert states == [True, True, False]
+    assert not ledger.switching("b")  # growing: it holds less than granted
+    assert not ledger.switching("unknown")
+
+
 def test_ledger_lists_agents_slow_to_acknowledge_once_per_grant():
     """Agents that have not reported their latest epoch in time are listed once."""
     ledger = GrantLedger()

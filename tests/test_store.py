@@ -18,6 +18,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
+import numpy as np
 import pytest
 from sqlite_utils import Database
 
@@ -190,6 +191,56 @@ def test_store_allocation_columns_read_back_by_agent(store: Store) -> None:
     assert first is not None
     assert second is not None
     assert second["agents"] == first["agents"] == by_agent
+
+
+def test_store_allocation_columns_take_numpy_arrays(store: Store) -> None:
+    """Test array columns read back like the same columns given as lists."""
+    lists: dict[str, Any] = {
+        "agent": ["a", "b"],
+        "resources": ["compute", "data"],
+        "cloud": [[1.0, 0.5], [2.0, 0.1]],
+        "epoch": [3, 4],
+        "away": [True, False],
+        "expected": [None, 0.7],
+    }
+    arrays = dict(lists)
+    arrays["cloud"] = np.array(lists["cloud"])[:, ::-1][:, ::-1]  # not contiguous
+    arrays["epoch"] = np.array(lists["epoch"])
+    arrays["away"] = np.array(lists["away"])
+    fields = allocation()
+    del fields["agents"]
+    store.record_allocation(1, ts=1.0, columns=lists, **fields)
+    store.record_allocation(2, ts=2.0, columns=arrays, **fields)
+
+    first, second = store.allocation(1), store.allocation(2)
+
+    assert first is not None
+    assert second is not None
+    assert second["agents"] == first["agents"]
+    assert second["agents"]["b"]["cloud"] == {"compute": 2.0, "data": 0.1}
+
+
+@pytest.mark.parametrize(
+    ("column", "values"),
+    [
+        ("held", np.array([[1.0, np.nan]])),
+        ("held", [[1.0, math.inf]]),
+        ("expected", [-math.inf]),
+        ("expected", [{"deep": math.nan}]),
+    ],
+)
+def test_store_allocation_columns_refuse_nan_and_infinities(
+    store: Store, column: str, values: Any
+) -> None:
+    """Test a non-finite number in any column is refused and nothing is kept."""
+    columns = {"agent": ["a"], "resources": ["compute", "data"], column: values}
+    fields = allocation()
+    del fields["agents"]
+
+    with pytest.raises(StoreError, match=f"agents of epoch 1.*{column}|JSON"):
+        store.record_allocation(1, ts=1.0, columns=columns, **fields)
+
+    assert store.last_epoch() == 0
 
 
 def test_store_allocation_needs_one_layout(store: Store) -> None:
