@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from typing import Any
@@ -50,6 +50,9 @@ DRAIN_TIMEOUT_S = 2.0
 # How often, while messages are held for a broker that is away, the
 # publisher looks whether it is back.
 HELD_CHECK_S = 0.1
+# Messages published between checks that the daemon still exists (a check
+# costs about a microsecond, a message about a hundred).
+ORPHAN_CHECK_EVERY = 100
 
 # The fleet summary lists every agent (about 100 bytes each), so it may exceed
 # the 64 KiB limit of device messages; see deploy/mosquitto/mosquitto.conf.
@@ -197,11 +200,11 @@ def publish_main(
                 break
             if isinstance(batch, EpochShares):
                 # Each grant goes out as soon as it is built; the summary last.
-                for message in batch.allocations(topics):
-                    outbox.send(*message)
+                if not _send_all(batch.allocations(topics), outbox, parent):
+                    return
                 batch = [batch.summary(topics)]
-            for message in batch:
-                outbox.send(*message)
+            if not _send_all(batch, outbox, parent):
+                return
         outbox.flush()
         _drain(outbox.last)
     finally:
@@ -241,6 +244,22 @@ class Outbox:
             self.last = self.client.publish(topic, payload, qos=1, retain=retain)
 
 
+def _send_all(messages: Iterable[Outgoing], outbox: Outbox, parent: int) -> bool:
+    """Publish ``messages``; False, with the rest unsent, once the daemon is gone.
+
+    A daemon killed in the middle of an epoch leaves this process with the
+    rest of it, and maybe more epochs in the pipe: publishing them would
+    take CPU from the daemon starting up again, and could overwrite its
+    newer retained allocations with older ones. The record already counts
+    every one of those grants, and the new daemon republishes them.
+    """
+    for count, message in enumerate(messages):
+        if count % ORPHAN_CHECK_EVERY == 0 and parent_gone(parent):
+            return False
+        outbox.send(*message)
+    return True
+
+
 def _next(
     conn: Connection, parent: int, outbox: Outbox
 ) -> EpochShares | list[Outgoing] | None:
@@ -253,6 +272,8 @@ def _next(
         outbox.flush()
         if parent_gone(parent):
             return None
+    if parent_gone(parent):
+        return None  # what is queued is a dead daemon's: see _send_all
     try:
         batch: EpochShares | list[Outgoing] | None = conn.recv()
     except (EOFError, OSError):

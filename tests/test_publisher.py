@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import signal
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import paho.mqtt.client as paho
@@ -141,6 +145,45 @@ def test_publisher_reports_a_broker_it_cannot_reach(broker):
         publisher.close()
 
     assert not publisher.alive()
+
+
+ORPHANING_DAEMON = """
+import os, signal, sys
+from controller.broker import BrokerOptions
+from controller.publisher import Publisher
+
+if __name__ == "__main__":
+    publisher = Publisher(BrokerOptions(sys.argv[1]), "test-orphan", "lab")
+    publisher.wait_ready()
+    topic = sys.argv[2]
+    # send() returns once the child has read the whole list from the pipe.
+    publisher.send([(topic.format(i % 50), b"x" * 100, True) for i in range(20_000)])
+    os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def test_publisher_stops_publishing_once_its_daemon_is_killed(broker, tmp_path):
+    """What a killed daemon left queued is not published after its death."""
+    listener = Listener(broker.host, broker.port, TOPIC.format("+"))
+    script = tmp_path / "daemon.py"
+    script.write_text(ORPHANING_DAEMON)
+    try:
+        daemon = subprocess.run(
+            [sys.executable, str(script), broker.url, TOPIC],
+            cwd=Path(__file__).resolve().parent.parent,
+            timeout=60,
+        )
+        count, still = -1, time.monotonic()
+        while time.monotonic() - still < 1.0:  # until a second without messages
+            if len(listener.received) != count:
+                count, still = len(listener.received), time.monotonic()
+            time.sleep(0.05)
+    finally:
+        listener.close()
+
+    assert daemon.returncode == -signal.SIGKILL
+    # Left alone, the orphan would publish all 20,000 (about two seconds).
+    assert len(listener.received) < 1_000
 
 
 def epoch_shares() -> EpochShares:
