@@ -167,13 +167,9 @@ def test_store_allocation_round_trip(store: Store) -> None:
     assert store.last_epoch() == 2
 
 
-def test_store_allocation_columns_read_back_by_agent(store: Store) -> None:
-    """Test an epoch written column by column reads back as one share per agent."""
-    by_agent = {
-        "a": {"cloud": {"compute": 1.0, "data": 0.5}, "epoch": 3, "away": True},
-        "b": {"cloud": {"compute": 2.0, "data": 0.0}, "epoch": 4, "expected": 0.7},
-    }
-    columns: dict[str, list[Any]] = {
+def two_columns() -> dict[str, Any]:
+    """Two agents' shares, column by column (see ``shares_from_columns``)."""
+    return {
         "agent": ["a", "b"],
         "resources": ["compute", "data"],
         "cloud": [[1.0, 0.5], [2.0, 0.0]],
@@ -181,10 +177,23 @@ def test_store_allocation_columns_read_back_by_agent(store: Store) -> None:
         "away": [True, False],
         "expected": [None, 0.7],
     }
+
+
+def epoch_fields() -> dict[str, Any]:
+    """What ``record_allocation`` takes besides the shares."""
     fields = allocation()
     del fields["agents"]
-    store.record_allocation(1, ts=1.0, agents=by_agent, **fields)
-    store.record_allocation(2, ts=2.0, columns=columns, **fields)
+    return fields
+
+
+def test_store_allocation_columns_read_back_by_agent(store: Store) -> None:
+    """Test an epoch written column by column reads back as one share per agent."""
+    by_agent = {
+        "a": {"cloud": {"compute": 1.0, "data": 0.5}, "epoch": 3, "away": True},
+        "b": {"cloud": {"compute": 2.0, "data": 0.0}, "epoch": 4, "expected": 0.7},
+    }
+    store.record_allocation(1, ts=1.0, agents=by_agent, **epoch_fields())
+    store.record_allocation(2, ts=2.0, columns=two_columns(), **epoch_fields())
 
     first, second = store.allocation(1), store.allocation(2)
 
@@ -195,29 +204,20 @@ def test_store_allocation_columns_read_back_by_agent(store: Store) -> None:
 
 def test_store_allocation_columns_take_numpy_arrays(store: Store) -> None:
     """Test array columns read back like the same columns given as lists."""
-    lists: dict[str, Any] = {
-        "agent": ["a", "b"],
-        "resources": ["compute", "data"],
-        "cloud": [[1.0, 0.5], [2.0, 0.1]],
-        "epoch": [3, 4],
-        "away": [True, False],
-        "expected": [None, 0.7],
-    }
+    lists = two_columns()
     arrays = dict(lists)
-    arrays["cloud"] = np.array(lists["cloud"])[:, ::-1][:, ::-1]  # not contiguous
+    arrays["cloud"] = np.asfortranarray(lists["cloud"])  # not C-contiguous
     arrays["epoch"] = np.array(lists["epoch"])
     arrays["away"] = np.array(lists["away"])
-    fields = allocation()
-    del fields["agents"]
-    store.record_allocation(1, ts=1.0, columns=lists, **fields)
-    store.record_allocation(2, ts=2.0, columns=arrays, **fields)
+    store.record_allocation(1, ts=1.0, columns=lists, **epoch_fields())
+    store.record_allocation(2, ts=2.0, columns=arrays, **epoch_fields())
 
     first, second = store.allocation(1), store.allocation(2)
 
     assert first is not None
     assert second is not None
     assert second["agents"] == first["agents"]
-    assert second["agents"]["b"]["cloud"] == {"compute": 2.0, "data": 0.1}
+    assert second["agents"]["a"]["cloud"] == {"compute": 1.0, "data": 0.5}
 
 
 @pytest.mark.parametrize(
@@ -234,11 +234,9 @@ def test_store_allocation_columns_refuse_nan_and_infinities(
 ) -> None:
     """Test a non-finite number in any column is refused and nothing is kept."""
     columns = {"agent": ["a"], "resources": ["compute", "data"], column: values}
-    fields = allocation()
-    del fields["agents"]
 
     with pytest.raises(StoreError, match=f"agents of epoch 1.*{column}|JSON"):
-        store.record_allocation(1, ts=1.0, columns=columns, **fields)
+        store.record_allocation(1, ts=1.0, columns=columns, **epoch_fields())
 
     assert store.last_epoch() == 0
 
