@@ -177,9 +177,17 @@ def _row(row: dict[str, Any]) -> str:
         ratio += f" (objectives agree to {agree:.0e})"
     return (
         f"| {row['agents']:>9,} | {row['resources']} | {row['alpha']:g} | "
-        f"{ours['wall'] * 1e3:,.1f} | {ours['cpu'] * 1e3:,.1f} | "
+        f"{_ms(ours['wall'])} | {_ms(ours['cpu'])} | "
         f"{ours['gap']:.0e} | {cvxpy_text} | {ratio} |"
     )
+
+
+def _ms(seconds: float) -> str:
+    # Three significant digits below 100 ms, whole milliseconds above.
+    ms = seconds * 1e3
+    if ms >= 100:
+        return f"{ms:,.0f}"
+    return f"{ms:.3g}" if ms >= 1 else f"{ms:.3f}"
 
 
 def _table(
