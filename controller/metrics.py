@@ -71,7 +71,8 @@ class ControllerMetrics:
         )
         self.allocations_published = Counter(
             "fairsynergy_allocations_published",
-            "Per-agent allocation messages published.",
+            "Per-agent allocation messages handed to the publisher (a later epoch "
+            "may supersede some before they go out).",
             registry=self.registry,
         )
 

@@ -30,7 +30,8 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterable, Iterator
+from collections import deque
+from collections.abc import Callable, Container, Iterable, Iterator
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from typing import Any
@@ -96,10 +97,18 @@ class EpochShares:
         source = self.cloud if values is None else values
         return dict(zip(self.resources, source[row].tolist(), strict=True))
 
-    def allocations(self, topics: Topics) -> Iterator[Outgoing]:
-        """The allocation message of every agent marked to publish, one by one."""
+    def allocations(
+        self, topics: Topics, skip: Container[str] = ()
+    ) -> Iterator[Outgoing]:
+        """The allocation message of every agent marked to publish, one by one.
+
+        Agents in ``skip`` are passed over; it is looked up as the messages
+        are built, so it may grow meanwhile.
+        """
         prices = self.prices
         for row in np.flatnonzero(self.publish).tolist():
+            if self.agents[row] in skip:
+                continue
             expected = float(self.expected[row])
             message = schemas.allocation(
                 epoch=self.epoch,
@@ -111,6 +120,10 @@ class EpochShares:
             )
             topic = topics.for_agent(self.agents[row]).allocation
             yield (topic, schemas.dump(Kind.ALLOCATION, message), True)
+
+    def published(self) -> list[str]:
+        """The agents whose allocation goes out in this epoch."""
+        return [self.agents[row] for row in np.flatnonzero(self.publish).tolist()]
 
     def summary(self, topics: Topics) -> Outgoing:
         """The fleet summary: every agent's cloud, expected accuracy and lease."""
@@ -144,6 +157,10 @@ class EpochShares:
         return (topics.allocations, payload, True)
 
 
+Batch = EpochShares | list[Outgoing]
+"""What the daemon hands over at a time; None in the pipe means stop."""
+
+
 class PublisherGoneError(FairsynergyError):
     """The publisher process has stopped; the daemon cannot publish any more."""
 
@@ -155,7 +172,7 @@ class Publisher(Child):
         args = (broker, client_id, fleet)
         super().__init__(publish_main, args, "allocation publisher")
 
-    def send(self, messages: EpochShares | list[Outgoing]) -> None:
+    def send(self, messages: Batch) -> None:
         """Queue an epoch's messages, or ready ones, for publishing; returns at once.
 
         Raises:
@@ -193,17 +210,17 @@ def publish_main(
     if client is None:
         return
     outbox = Outbox(client)
+    waiting: deque[Batch | None] = deque()
     try:
         while True:
-            batch = _next(conn, parent, outbox)
+            batch = waiting.popleft() if waiting else _next(conn, parent, outbox)
             if batch is None:
                 break
             if isinstance(batch, EpochShares):
-                # Each grant goes out as soon as it is built; the summary last.
-                if not _send_all(batch.allocations(topics), outbox, parent):
-                    return
-                batch = [batch.summary(topics)]
-            if not _send_all(batch, outbox, parent):
+                sent = _send_epoch(batch, topics, outbox, parent, _Ahead(conn, waiting))
+            else:
+                sent = _send_all(batch, outbox, parent)
+            if not sent:
                 return
         outbox.flush()
         _drain(outbox.last)
@@ -244,7 +261,12 @@ class Outbox:
             self.last = self.client.publish(topic, payload, qos=1, retain=retain)
 
 
-def _send_all(messages: Iterable[Outgoing], outbox: Outbox, parent: int) -> bool:
+def _send_all(
+    messages: Iterable[Outgoing],
+    outbox: Outbox,
+    parent: int,
+    on_check: Callable[[], None] | None = None,
+) -> bool:
     """Publish ``messages``; False, with the rest unsent, once the daemon is gone.
 
     A daemon killed in the middle of an epoch leaves this process with the
@@ -252,17 +274,76 @@ def _send_all(messages: Iterable[Outgoing], outbox: Outbox, parent: int) -> bool
     take CPU from the daemon starting up again, and could overwrite its
     newer retained allocations with older ones. The record already counts
     every one of those grants, and the new daemon republishes them.
+    ``on_check`` runs at each of these checks (every ``ORPHAN_CHECK_EVERY``
+    messages).
     """
     for count, message in enumerate(messages):
-        if count % ORPHAN_CHECK_EVERY == 0 and parent_gone(parent):
-            return False
+        if count % ORPHAN_CHECK_EVERY == 0:
+            if parent_gone(parent):
+                return False
+            if on_check is not None:
+                on_check()
         outbox.send(*message)
     return True
 
 
-def _next(
-    conn: Connection, parent: int, outbox: Outbox
-) -> EpochShares | list[Outgoing] | None:
+class _Ahead:
+    """What waits in the pipe behind the epoch being sent, read without blocking.
+
+    ``superseded`` holds the agents that a later epoch already waiting
+    publishes again: their allocation in the current epoch would be
+    replaced at once, so it need not go out (the ledger counts the grant
+    either way, which keeps the pool safe).
+    """
+
+    def __init__(self, conn: Connection, waiting: deque[Batch | None]) -> None:
+        self.conn, self.waiting = conn, waiting
+        self.superseded: set[str] = set()
+        for batch in waiting:
+            self._note(batch)
+
+    def read(self) -> None:
+        """Take in whatever the daemon has handed over since the last look."""
+        while self.conn.poll(0):
+            try:
+                batch: Batch | None = self.conn.recv()
+            except (EOFError, OSError):
+                batch = None
+            self.waiting.append(batch)
+            if batch is None:
+                return
+            self._note(batch)
+
+    def epoch_waiting(self) -> bool:
+        """Whether a later epoch (and so a newer fleet summary) is waiting."""
+        return any(isinstance(batch, EpochShares) for batch in self.waiting)
+
+    def _note(self, batch: Batch | None) -> None:
+        if isinstance(batch, EpochShares):
+            self.superseded.update(batch.published())
+
+
+def _send_epoch(
+    epoch: EpochShares, topics: Topics, outbox: Outbox, parent: int, ahead: _Ahead
+) -> bool:
+    """Publish an epoch's allocations, then its summary, as :func:`_send_all`.
+
+    Every ``ORPHAN_CHECK_EVERY`` messages it looks whether newer epochs
+    have arrived, and passes over what they supersede: an agent's allocation
+    that a later epoch publishes again, and the summary. When the daemon
+    reallocates faster than the broker takes the messages, the publisher
+    thus never falls more than one epoch behind.
+    """
+    ahead.read()
+    messages = epoch.allocations(topics, skip=ahead.superseded)
+    if not _send_all(messages, outbox, parent, on_check=ahead.read):
+        return False
+    if ahead.epoch_waiting():
+        return True
+    return _send_all([epoch.summary(topics)], outbox, parent)
+
+
+def _next(conn: Connection, parent: int, outbox: Outbox) -> Batch | None:
     """The next list to publish; None to stop (asked, or the daemon is gone).
 
     While waiting, sends what the outbox held once the broker is back.
@@ -275,7 +356,7 @@ def _next(
     if parent_gone(parent):
         return None  # what is queued is a dead daemon's: see _send_all
     try:
-        batch: EpochShares | list[Outgoing] | None = conn.recv()
+        batch: Batch | None = conn.recv()
     except (EOFError, OSError):
         return None
     return batch

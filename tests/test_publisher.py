@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import multiprocessing
+import os
 import signal
 import subprocess
 import sys
 import threading
 import time
+from collections import deque
 from pathlib import Path
 
 import numpy as np
@@ -15,8 +18,15 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
 import schemas
-from controller.broker import BrokerError, BrokerOptions
-from controller.publisher import EpochShares, Publisher, PublisherGoneError
+from controller.broker import BrokerError, BrokerOptions, connect, make_client
+from controller.publisher import (
+    EpochShares,
+    Outbox,
+    Publisher,
+    PublisherGoneError,
+    _Ahead,
+    _send_epoch,
+)
 from schemas import Kind
 
 TOPIC = "fairsynergy/lab/agents/{}/allocation"
@@ -239,3 +249,89 @@ def test_publisher_sends_an_epoch_as_allocations_then_summary(broker):
         "expires": 150.0,
     }
     assert "expected_accuracy" not in summary["agents"]["gone"]
+
+
+def numbered_epoch(epoch: int, agents: list[str], publish: list[str]) -> EpochShares:
+    """An epoch granting agent ``a<i>`` ``epoch + i / 1000`` of compute."""
+    n = len(agents)
+    cloud = epoch + np.arange(n, dtype=float)[:, None] / 1000 * np.ones((1, 2))
+    return EpochShares(
+        epoch=epoch,
+        ts=100.0 + epoch,
+        alpha=1.0,
+        budget={"compute": 1e6, "data": 1e6},
+        prices={"compute": 0.1, "data": 0.1},
+        resources=("compute", "data"),
+        agents=agents,
+        cloud=cloud,
+        held=cloud,
+        expected=np.full(n, 0.5),
+        epochs=np.full(n, epoch),
+        published_at=np.full(n, 100.0 + epoch),
+        expires=np.full(n, 200.0 + epoch),
+        publish=np.isin(agents, publish),
+        away=np.zeros(n, dtype=bool),
+    )
+
+
+def test_publisher_passes_over_what_a_waiting_epoch_supersedes(broker):
+    """An epoch already waiting behind another replaces its allocations and summary.
+
+    Epoch 2 is in the pipe before epoch 1 starts going out: the agents it
+    publishes again are not sent epoch 1's allocation, and epoch 1's
+    summary is not sent; everything else is, and epoch 2 then in full.
+    """
+    agents = [f"a{i}" for i in range(300)]
+    first = numbered_epoch(1, agents, agents)
+    second = numbered_epoch(2, agents, agents[::3])
+    listener = Listener(broker.host, broker.port, "fairsynergy/lab/#")
+    client = make_client(BrokerOptions(broker.url), "test-look-ahead")
+    connect(client)
+    outbox, waiting = Outbox(client), deque()
+    daemon_end, child_end = multiprocessing.Pipe()
+    daemon_end.send(second)
+    topics, parent = schemas.Topics("lab"), os.getppid()
+    try:
+        assert _send_epoch(first, topics, outbox, parent, _Ahead(child_end, waiting))
+        assert [batch.epoch for batch in waiting] == [2]
+        then = waiting.popleft()
+        assert _send_epoch(then, topics, outbox, parent, _Ahead(child_end, waiting))
+        listener.wait_for(200 + 100 + 1)
+        time.sleep(0.2)  # anything more would have followed at once
+    finally:
+        client.disconnect()
+        client.loop_stop()
+        listener.close()
+
+    epochs: dict[str, list[int]] = {}
+    for topic, payload, _ in listener.received:
+        kind = Kind.FLEET_SUMMARY if topic.endswith("/allocations") else Kind.ALLOCATION
+        epochs.setdefault(topic, []).append(schemas.decode(kind, payload)["epoch"])
+    assert epochs.pop("fairsynergy/lab/allocations") == [2]
+    expected = {
+        topics.for_agent(agent).allocation: [2] if i % 3 == 0 else [1]
+        for i, agent in enumerate(agents)
+    }
+    assert epochs == expected
+
+
+def test_publisher_ends_on_the_newest_epoch_handed_over_in_a_burst(broker):
+    """Epochs handed over faster than they go out leave each agent its newest grant."""
+    agents = [f"a{i}" for i in range(500)]
+    publisher = Publisher(BrokerOptions(broker.url), "test-publisher", "lab")
+    publisher.wait_ready()
+    for epoch in range(1, 6):
+        publisher.send(numbered_epoch(epoch, agents, agents[epoch % 2 :: 2]))
+    publisher.close()
+    late = Listener(broker.host, broker.port, "fairsynergy/lab/#")
+    late.wait_for(501)
+    late.close()
+
+    retained = {topic: payload for topic, payload, _ in late.received}
+    summary = retained.pop("fairsynergy/lab/allocations")
+    epochs = {
+        topic: schemas.decode(Kind.ALLOCATION, payload)["epoch"]
+        for topic, payload in retained.items()
+    }
+    assert schemas.decode(Kind.FLEET_SUMMARY, summary)["epoch"] == 5
+    assert epochs == {TOPIC.format(f"a{i}"): 5 if i % 2 else 4 for i in range(500)}
