@@ -304,3 +304,36 @@ def test_restart_republishes_the_record_before_rebuilding_learners(
     assert cycles[0]["mean_accuracy"] is not None
     assert "restored" in restarted.triggers.reasons
     assert restarted.learner.held == 0
+
+
+def test_restart_republishes_grants_not_acknowledged(controller, clock, tmp_path):
+    """A grant the agent never acknowledged goes out again in the restart's epoch.
+
+    The daemon may have died before its publisher sent it; an agent that
+    acknowledged its grant keeps it until its renewal is due.
+    """
+    controller.receive(TOPICS.budget, budget_payload(BUDGET), clock.now)
+    agents = [f"a{i}" for i in range(4)]
+    for agent in agents:
+        topic = TOPICS.for_agent(agent).telemetry
+        controller.receive(topic, report(agent, 1, 0.5, clock), clock.now)
+    controller.cycle("join", clock.now)
+    granted = controller.epoch
+    clock.now += 1.0
+    for agent in agents[:2]:
+        topic = TOPICS.for_agent(agent).telemetry
+        controller.receive(
+            topic, report(agent, 2, 0.5, clock, epoch=granted), clock.now
+        )
+    controller.store.close()
+    restarted = unconnected(tmp_path / "state.db", clock)
+    restarted.restore()
+    restarted.receive(TOPICS.budget, budget_payload(BUDGET), clock.now)  # retained
+
+    restarted.cycle("restart", clock.now)
+    latest = [restarted.ledger.latest(agent) for agent in agents]
+    restarted.store.close()
+    epochs = [grant.epoch if grant else None for grant in latest]
+
+    assert granted < restarted.epoch
+    assert epochs == [granted, granted, restarted.epoch, restarted.epoch]
