@@ -744,7 +744,12 @@ def test_learn_sample_from_refuses_wrong_shape():
 
 
 def test_learn_estimates_arrays_match_each_learner():
-    """Vectorised estimates equal each learner's properties exactly."""
+    """Vectorised estimates equal each learner's properties.
+
+    Exactly, except the scale: numpy's vectorised exp may differ from the C
+    library's in the last bit on CPUs where it uses SIMD code, so the scale
+    (the exp of the log-scale mode) is held to one ulp.
+    """
     fleet = trained_fleet(60)
 
     estimates = fleet.estimates()
@@ -752,7 +757,7 @@ def test_learn_estimates_arrays_match_each_learner():
     for i, agent in enumerate(fleet.agents):
         learner = fleet[agent]
         sds = [learner.uncertainty[r] for r in RESOURCES]
-        assert estimates.scale[i] == learner.scale
+        np.testing.assert_array_max_ulp(estimates.scale[i], learner.scale, maxulp=1)
         assert estimates.elasticity[i].tolist() == elasticities(learner).tolist()
         assert estimates.sd_elasticity[i].tolist() == sds
         assert estimates.confident[i] == learner.confident
