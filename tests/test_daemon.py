@@ -85,6 +85,16 @@ def report(agent: str, seq: int, accuracy: float, clock: Clock, **extra) -> byte
     return schemas.encode(Kind.TELEMETRY, message)
 
 
+def join(controller: Controller, clock: Clock, count: int) -> list[str]:
+    """Give ``controller`` a budget and one report from each of ``count`` agents."""
+    controller.receive(TOPICS.budget, budget_payload(BUDGET), clock.now)
+    agents = [f"a{i}" for i in range(count)]
+    for agent in agents:
+        topic = TOPICS.for_agent(agent).telemetry
+        controller.receive(topic, report(agent, 1, 0.5, clock), clock.now)
+    return agents
+
+
 def test_triggers_wait_for_quiet_but_urgent_reasons_run_at_once():
     """Joins are debounced; a budget change is due the moment it arrives."""
     triggers = Triggers(debounce=0.5)
@@ -177,11 +187,7 @@ def test_controller_checks_fits_once_per_debounce_period(controller, clock):
 
 def test_sweep_warns_once_for_all_late_agents(controller, clock):
     """Agents that do not acknowledge are reported in one line with a count."""
-    controller.receive(TOPICS.budget, budget_payload(BUDGET), clock.now)
-    agents = [f"a{i}" for i in range(8)]
-    for agent in agents:
-        topic = TOPICS.for_agent(agent).telemetry
-        controller.receive(topic, report(agent, 1, 0.5, clock), clock.now)
+    agents = join(controller, clock, 8)
     controller.cycle("join", clock.now)
     clock.now += controller.config.ack_timeout + 1.0
 
@@ -257,11 +263,7 @@ def test_sweep_stops_the_daemon_once_the_publisher_has_gone(controller, clock, b
 def test_learner_states_are_saved_a_slice_per_step(controller, clock, monkeypatch):
     """A due save queues a slice of the changed learners per loop step, not all."""
     monkeypatch.setattr("controller.daemon.SAVE_SLICE", 3)
-    controller.receive(TOPICS.budget, budget_payload(BUDGET), clock.now)
-    agents = [f"a{i}" for i in range(8)]
-    for agent in agents:
-        topic = TOPICS.for_agent(agent).telemetry
-        controller.receive(topic, report(agent, 1, 0.5, clock), clock.now)
+    join(controller, clock, 8)
     saved = []
     for _ in range(4):
         clock.now += 0.01
@@ -276,11 +278,7 @@ def test_restart_republishes_the_record_before_rebuilding_learners(
     controller, clock, tmp_path
 ):
     """A restart's first epoch needs no learner; they are read and rebuilt after."""
-    controller.receive(TOPICS.budget, budget_payload(BUDGET), clock.now)
-    agents = [f"a{i}" for i in range(8)]
-    for agent in agents:
-        topic = TOPICS.for_agent(agent).telemetry
-        controller.receive(topic, report(agent, 1, 0.5, clock), clock.now)
+    agents = join(controller, clock, 8)
     controller.cycle("join", clock.now)
     controller.save_learners()
     controller.store.close()
@@ -312,11 +310,7 @@ def test_restart_republishes_grants_not_acknowledged(controller, clock, tmp_path
     The daemon may have died before its publisher sent it; an agent that
     acknowledged its grant keeps it until its renewal is due.
     """
-    controller.receive(TOPICS.budget, budget_payload(BUDGET), clock.now)
-    agents = [f"a{i}" for i in range(4)]
-    for agent in agents:
-        topic = TOPICS.for_agent(agent).telemetry
-        controller.receive(topic, report(agent, 1, 0.5, clock), clock.now)
+    agents = join(controller, clock, 4)
     controller.cycle("join", clock.now)
     granted = controller.epoch
     clock.now += 1.0
