@@ -77,8 +77,10 @@ BATCH = 500
 SWEEP_INTERVAL_S = 0.25
 # A cycle that took T seconds is followed by at least CYCLE_SPACING * T seconds
 # for telemetry before the next one that is not urgent: at 10,000 agents a
-# cycle takes seconds, and fits that move somewhere in the fleet every few
-# seconds would otherwise keep the loop in cycles and its inbox growing.
+# cycle takes 0.1 to 0.8 s (more on a slower host), and fits that move
+# somewhere in the fleet every few seconds would otherwise keep the loop in
+# cycles and its inbox growing. A spacing of 1 left the benchmark's budget
+# transitions as long (they wait for acknowledgements, not for cycles).
 CYCLE_SPACING = 3.0
 # Learners rebuilt from their saved state per loop step after a restart:
 # about 0.1 s of work, so telemetry keeps flowing meanwhile.
