@@ -799,7 +799,9 @@ def run_fleet(
         result["rss_registered_mib"] = rss_mib(daemon.pid)
 
         say(f"{agents} agents: ingest")
+        mark, started = len(probe.allocations), time.time()
         result["ingest"] = controller_ingest(daemon, drops, generators, plan)
+        result["churn"] = churn(probe.allocations[mark:], agents, started)
         result["rss_streamed_mib"] = rss_mib(daemon.pid)
         # From now on agents answer every new grant and report every 10 s,
         # so no grant of the cycles after the stream goes unacknowledged.
@@ -830,6 +832,22 @@ def run_fleet(
         generators.stop()
         probe.close()
     return result
+
+
+def churn(seen: list[Seen], agents: int, started: float) -> dict[str, float]:
+    """How often allocations changed while agents only reported (no budget change).
+
+    Per agent and minute, over the ingest phase: the allocation messages
+    that reached the probe, and the epochs they belonged to. Every one of
+    them came from a reallocation for moved fits, a joining agent or an
+    acknowledgement, so this is what learning alone costs in messages.
+    """
+    minutes = max((time.time() - started) / 60.0, 1e-9)
+    epochs = {s.epoch for s in seen}
+    return {
+        "allocations_per_agent_min": len(seen) / agents / minutes,
+        "epochs_per_min": len(epochs) / minutes,
+    }
 
 
 def calm_changes(daemon: Daemon, probe: Probe, agents: int, plan: Plan) -> list[Change]:
@@ -952,6 +970,19 @@ def _ingest_cells(r: dict[str, Any]) -> dict[str, str]:
         ),
         "CPU ms per 1,000 messages: controller / baseline": (
             f"{fmt(ingest['cpu_ms_per_1000'], 0)} / {fmt(base['cpu_ms_per_1000'], 0)}"
+        ),
+        **_churn_cells(r),
+    }
+
+
+def _churn_cells(r: dict[str, Any]) -> dict[str, str]:
+    churn = r.get("churn")
+    if churn is None:
+        return {}
+    return {
+        "while reporting: allocations per agent per minute (epochs per minute)": (
+            f"{fmt(churn['allocations_per_agent_min'], 1)} "
+            f"({fmt(churn['epochs_per_min'], 1)})"
         ),
     }
 
