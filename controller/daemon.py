@@ -786,13 +786,16 @@ class Controller:
 
         n = holdings.active
         held = holdings.held[:n]
+        due = self._needs_grant(holdings.latest[:n], now)
+        if "restart" in reasons:
+            due |= self._maybe_unsent(active)
         step = plan_transition(
             budget,
             target.cloud,
             held,
             holdings.current[:n],
             hysteresis=self.config.hysteresis,
-            new_agents=self._needs_grant(active, holdings.latest[:n], now, reasons),
+            new_agents=due,
         )
         self._follow(step, target, active, held, now)
         if not step.publish.any() and "restart" not in trigger:
@@ -901,30 +904,21 @@ class Controller:
                 self.draws[agent] = self.rng.standard_normal(size)
         return np.array([self.draws[agent] for agent in active]).reshape(-1, size)
 
-    def _needs_grant(
-        self,
-        active: list[str],
-        latest: list[Grant | None],
-        now: float,
-        reasons: set[str],
-    ) -> np.ndarray:
-        """Publish (renew) now: no live grant, or one past half its lease.
+    def _needs_grant(self, latest: list[Grant | None], now: float) -> np.ndarray:
+        """No live grant, or one past half its lease: publish (renew) it now."""
+        renew_by = now + self.config.grant_lease / 2
+        return np.array([g is None or g.expires < renew_by for g in latest], bool)
 
-        After a restart also every latest grant not acknowledged: the
-        daemon may have died before its publisher sent it (an orphaned
+    def _maybe_unsent(self, active: list[str]) -> np.ndarray:
+        """After a restart: the agents whose latest grant is not acknowledged.
+
+        The daemon may have died before its publisher sent it (an orphaned
         publisher stops), and an agent that never hears of it keeps using
         its older grant, which holds back the growth of others until that
-        lease ends. Agents that got it meanwhile take the renewal instead.
+        lease ends. So the restart's epoch sends them all again; agents that
+        got it meanwhile take it as a renewal.
         """
-        renew_by = now + self.config.grant_lease / 2
-        due = [g is None or g.expires < renew_by for g in latest]
-        if "restart" in reasons:
-            acked = [self.ledger.acknowledged_epoch(agent) for agent in active]
-            due = [
-                d or (g is not None and (a is None or a < g.epoch))
-                for d, g, a in zip(due, latest, acked, strict=True)
-            ]
-        return np.array(due, bool)
+        return np.array([self.ledger.unacknowledged(a) for a in active], bool)
 
     def _holdings(self, active: list[str]) -> Holdings:
         present = set(active)

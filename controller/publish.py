@@ -86,6 +86,12 @@ class AgentGrants:
     def latest(self) -> Grant | None:
         return self.grants[-1] if self.grants else None
 
+    @property
+    def unacknowledged(self) -> bool:
+        """Whether the agent has a latest grant it has not reported using yet."""
+        latest, acked = self.latest, self.acknowledged_epoch
+        return latest is not None and (acked is None or acked < latest.epoch)
+
     def add(self, grant: Grant) -> None:
         self.grants.append(grant)
         for resource, amount in grant.cloud.items():
@@ -236,16 +242,17 @@ class GrantLedger:
                 late.append(agent)
         return late
 
+    def unacknowledged(self, agent: str) -> bool:
+        """Whether ``agent``'s latest grant is not acknowledged yet."""
+        entry = self._agents.get(agent)
+        return entry is not None and entry.unacknowledged
+
     def _waiting(self, agent: str, epoch: int) -> bool:
         """True while ``epoch`` is ``agent``'s latest grant, not acknowledged."""
         entry = self._agents.get(agent)
-        latest = entry.latest if entry else None
-        acked = entry.acknowledged_epoch if entry else None
-        return (
-            latest is not None
-            and latest.epoch == epoch
-            and (acked is None or acked < epoch)
-        )
+        if entry is None or entry.latest is None:
+            return False
+        return entry.latest.epoch == epoch and entry.unacknowledged
 
     def _watch(self, agent: str, grant: Grant) -> None:
         """Put a new latest grant on the lapse and acknowledgement heaps."""
@@ -260,9 +267,8 @@ class GrantLedger:
         waiting: set[tuple[str, int]] = set()
         for agent, entry in self._agents.items():
             lapsing.update((g.expires, agent) for g in entry.grants)
-            latest, acked = entry.latest, entry.acknowledged_epoch
-            if latest is not None and (acked is None or acked < latest.epoch):
-                waiting.add((agent, latest.epoch))
+            if entry.unacknowledged and entry.latest is not None:
+                waiting.add((agent, entry.latest.epoch))
         self._lapses = [e for e in self._lapses if e in lapsing]
         self._unacked = [e for e in self._unacked if (e[1], e[2]) in waiting]
         heapq.heapify(self._lapses)
